@@ -1,0 +1,85 @@
+"""The Redis key layout: every key of a project, its shard and its outbox share one hash tag.
+
+This module is the contract between the admission scripts, the flusher and the cache fill.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+DEFAULT_SHARDS = 16
+PREFIX = "cg"
+
+
+def shard_of(project_id: str, shards: int = DEFAULT_SHARDS) -> int:
+    return zlib.crc32(project_id.encode()) % shards
+
+
+def tag(shard: int) -> str:
+    return "{" + f"{PREFIX}{shard}" + "}"
+
+
+def wallet(shard: int, project_id: str) -> str:
+    """Hash: cached snapshot + local counters. Fields in WALLET_FIELDS."""
+    return f"{PREFIX}:{tag(shard)}:w:{project_id}"
+
+
+def quota_defs(shard: int, project_id: str) -> str:
+    """Hash: project quota overrides from the authority, name -> "kind:limit:window_seconds"."""
+    return f"{PREFIX}:{tag(shard)}:qd:{project_id}"
+
+
+def rate(shard: int, project_id: str, quota: str) -> str:
+    """String: GCRA theoretical arrival time in ms (Redis time)."""
+    return f"{PREFIX}:{tag(shard)}:r:{project_id}:{quota}"
+
+
+def concurrency(shard: int, project_id: str, quota: str) -> str:
+    """Integer: requests in flight under this concurrency quota."""
+    return f"{PREFIX}:{tag(shard)}:c:{project_id}:{quota}"
+
+
+def hold(shard: int, hold_id: str) -> str:
+    """Hash: one ACTIVE hold (project, amount, meter, route, overage, concurrency quotas)."""
+    return f"{PREFIX}:{tag(shard)}:h:{hold_id}"
+
+
+def hold_expiry(shard: int) -> str:
+    """Sorted set: hold_id scored by expiry time in ms, for the sweeper."""
+    return f"{PREFIX}:{tag(shard)}:hx"
+
+
+def outbox(shard: int) -> str:
+    """Stream: one entry per ended hold; consumer group OUTBOX_GROUP."""
+    return f"{PREFIX}:{tag(shard)}:outbox"
+
+
+def api_key(key_hash: str) -> str:
+    """String: project id for a SHA-256 key hash (cache; deleted on revocation)."""
+    return f"{PREFIX}:key:{key_hash}"
+
+
+OUTBOX_GROUP = "settle"
+
+# Fields of the wallet hash.
+W_SNAPSHOT = "snap"  # authority `available` at version `ver`
+W_VERSION = "ver"
+W_STATE = "state"  # WalletState number
+W_LOW_THRESHOLD = "low"
+W_OVERDRAFT = "od"
+W_GRACE_UNTIL = "gu"
+W_HELD = "held"  # sum of ACTIVE holds
+W_UNSETTLED = "uns"  # committed in Redis, not yet acknowledged by the authority
+W_UNSETTLED_LIMIT = "unsl"  # invariant 7
+
+# Fields of an outbox entry.
+E_EVENT_ID = "id"
+E_KIND = "k"  # "COMMIT" | "RELEASE" | "EXPIRE"
+E_PROJECT = "p"
+E_HOLD_ID = "h"
+E_HELD = "ha"
+E_AMOUNT = "a"
+E_METER = "m"
+E_ROUTE = "r"
+E_TIME_MS = "t"
+E_GATEWAY = "g"

@@ -1,0 +1,1 @@
+"""creditservice: the authority that owns wallets, quotas, reservations and the ledger."""

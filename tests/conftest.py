@@ -1,0 +1,35 @@
+"""Session-scoped real services; function-scoped clients live in the tests that use them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.services import (
+    RedisCluster,
+    RedisProcess,
+    private_postgres_database,
+    start_redis,
+    start_redis_cluster,
+)
+
+
+@pytest.fixture(scope="session")
+def redis_proc() -> Iterator[RedisProcess]:
+    proc = start_redis()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_proc() -> Iterator[RedisCluster]:
+    cluster = start_redis_cluster(3)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    with private_postgres_database() as dsn:
+        yield dsn

@@ -1,0 +1,161 @@
+"""Real services for tests: redis-server processes on free ports and a private PostgreSQL database.
+
+Nothing here touches data it did not create: each Redis is a new process with no persistence,
+and each PostgreSQL database is created with a random name and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REDIS_SERVER = os.environ.get("REDIS_SERVER_BIN", "redis-server")
+REDIS_CLI = os.environ.get("REDIS_CLI_BIN", "redis-cli")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, deadline_s: float = 10.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.01)  # polling a condition with a deadline, not waiting for time
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {deadline_s}s")
+
+
+def _require(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise RuntimeError(
+            f"{binary} not found: install it (apt-get install redis-server) - tests need a real Redis"
+        )
+    return path
+
+
+@dataclass
+class RedisProcess:
+    port: int
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start_redis(*extra: str, workdir: Path | None = None) -> RedisProcess:
+    binary = _require(REDIS_SERVER)
+    port = free_port()
+    wd = workdir or Path(tempfile.mkdtemp(prefix="cg-redis-"))
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(wd), "--logfile", str(wd / "redis.log"), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+    except Exception:
+        proc.kill()
+        raise
+    return RedisProcess(port, proc, wd)
+
+
+@dataclass
+class RedisCluster:
+    nodes: list[RedisProcess] = field(default_factory=list)
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", n.port) for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+def start_redis_cluster(masters: int = 3) -> RedisCluster:
+    cli = _require(REDIS_CLI)
+    cluster = RedisCluster()
+    try:
+        for _ in range(masters):
+            wd = Path(tempfile.mkdtemp(prefix="cg-rcluster-"))
+            cluster.nodes.append(start_redis(
+                "--cluster-enabled", "yes", "--cluster-config-file", str(wd / "nodes.conf"),
+                "--cluster-node-timeout", "2000", workdir=wd))
+        subprocess.run(
+            [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in cluster.nodes],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=30,
+        )
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            out = subprocess.run([cli, "-p", str(cluster.nodes[0].port), "cluster", "info"],
+                                 capture_output=True, text=True, timeout=5).stdout
+            if "cluster_state:ok" in out:
+                return cluster
+            time.sleep(0.05)  # polling cluster_state with a deadline
+        raise RuntimeError("redis cluster did not reach cluster_state:ok")
+    except Exception:
+        cluster.stop()
+        raise
+
+
+def postgres_admin_dsn() -> str:
+    return os.environ.get("CREDITGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def private_postgres_database() -> Iterator[str]:
+    """Create a database with a random name on the test server, yield its DSN, drop it after."""
+    import asyncio
+
+    import asyncpg
+
+    admin = postgres_admin_dsn()
+    name = f"cg_test_{uuid.uuid4().hex[:12]}"
+
+    async def run(sql: str) -> None:
+        try:
+            conn = await asyncpg.connect(admin, timeout=10)
+        except Exception as exc:
+            raise RuntimeError(
+                f"PostgreSQL at {admin} is not reachable ({exc}); set CREDITGATE_TEST_PG_DSN"
+            ) from exc
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    base, _, _ = admin.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
