@@ -1,4 +1,7 @@
-"""Session-scoped real services; function-scoped clients live in the tests that use them."""
+"""Session-scoped real services; function-scoped clients live in the tests that use them.
+
+Each area keeps its fixtures in its own module, loaded here as a plugin.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,12 @@ from tests.services import (
     start_redis,
     start_redis_cluster,
 )
+
+pytest_plugins = [
+    "tests.fixtures_authority",
+    "tests.fixtures_admission",
+    "tests.fixtures_gateway",
+]
 
 
 @pytest.fixture(scope="session")

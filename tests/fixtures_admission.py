@@ -1,0 +1,3 @@
+"""Fixtures of the admission tests."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Fixtures of the authority tests."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Fixtures of the gateway tests."""
+
+from __future__ import annotations
