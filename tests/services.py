@@ -22,15 +22,33 @@ REDIS_SERVER = os.environ.get("REDIS_SERVER_BIN", "redis-server")
 REDIS_CLI = os.environ.get("REDIS_CLI_BIN", "redis-cli")
 
 
-def free_port() -> int:
+def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
-def wait_for_port(port: int, deadline_s: float = 10.0) -> None:
+def free_port(below: int = 65536) -> int:
+    """A free loopback port; `below` leaves room for Redis Cluster's bus port (port + 10000)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port < below and (below == 65536 or _port_is_free(port + 10000)):
+            return port
+    raise RuntimeError("no free port found")
+
+
+def wait_for_port(
+    port: int, deadline_s: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process listening on {port} exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.01)  # polling a condition with a deadline, not waiting for time
@@ -66,9 +84,9 @@ class RedisProcess:
                 self.proc.wait(5)
 
 
-def start_redis(*extra: str, workdir: Path | None = None) -> RedisProcess:
+def start_redis(*extra: str, workdir: Path | None = None, cluster: bool = False) -> RedisProcess:
     binary = _require(REDIS_SERVER)
-    port = free_port()
+    port = free_port(below=55535 if cluster else 65536)
     wd = workdir or Path(tempfile.mkdtemp(prefix="cg-redis-"))
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -76,7 +94,7 @@ def start_redis(*extra: str, workdir: Path | None = None) -> RedisProcess:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_port(port)
+        wait_for_port(port, proc=proc)
     except Exception:
         proc.kill()
         raise
@@ -108,7 +126,7 @@ def start_redis_cluster(masters: int = 3) -> RedisCluster:
             wd = Path(tempfile.mkdtemp(prefix="cg-rcluster-"))
             cluster.nodes.append(start_redis(
                 "--cluster-enabled", "yes", "--cluster-config-file", str(wd / "nodes.conf"),
-                "--cluster-node-timeout", "2000", workdir=wd))
+                "--cluster-node-timeout", "2000", workdir=wd, cluster=True))
         subprocess.run(
             [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in cluster.nodes],
              "--cluster-replicas", "0", "--cluster-yes"],
