@@ -37,7 +37,7 @@ class Reason(enum.StrEnum):
 
 
 class QuotaKind(enum.StrEnum):
-    RATE = "rate"  # GCRA: limit per window_seconds
+    RATE = "rate"  # sliding window log: at most limit per any window_seconds
     CONCURRENCY = "concurrency"  # in flight at once
 
 
@@ -64,6 +64,9 @@ class Hold:
     route: str
     meter: str
     allow_overage: bool
+    # Redis keys of the concurrency counters this hold occupies. A hint for settle.lua, which
+    # checks it against the hold and asks for the right keys when it does not match.
+    counters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

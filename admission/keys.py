@@ -30,8 +30,13 @@ def quota_defs(shard: int, project_id: str) -> str:
 
 
 def rate(shard: int, project_id: str, quota: str) -> str:
-    """String: GCRA theoretical arrival time in ms (Redis time)."""
+    """Sorted set: the sliding window log of a rate quota, member "<op id>:<weight>", score ms."""
     return f"{PREFIX}:{tag(shard)}:r:{project_id}:{quota}"
+
+
+def rate_sum(shard: int, project_id: str, quota: str) -> str:
+    """Integer: sum of the weights in the rate() log (kept next to it so admission is O(log n))."""
+    return f"{PREFIX}:{tag(shard)}:rs:{project_id}:{quota}"
 
 
 def concurrency(shard: int, project_id: str, quota: str) -> str:
@@ -52,6 +57,11 @@ def hold_expiry(shard: int) -> str:
 def outbox(shard: int) -> str:
     """Stream: one entry per ended hold; consumer group OUTBOX_GROUP."""
     return f"{PREFIX}:{tag(shard)}:outbox"
+
+
+def clock_offset(shard: int) -> str:
+    """Integer ms added to Redis TIME by the shard's scripts. Only tests set it (virtual clock)."""
+    return f"{PREFIX}:{tag(shard)}:clk"
 
 
 def api_key(key_hash: str) -> str:

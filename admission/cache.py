@@ -1,0 +1,489 @@
+"""The Redis cache of authority state: cold fills, the Watch push stream, periodic reconcile.
+
+Theory of operation: a fill reads a snapshot (taken at Watch cursor S) and writes it with
+apply_snapshot.lua; Watch events that arrive while a fill of their project is in flight are
+buffered and replayed after it when their cursor is > S, so a fill never undoes a newer change.
+Wallet writes are versioned (older versions never overwrite newer ones); held/uns are never
+touched here. Events for projects nobody cached are ignored: a later fill reads them fresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Coroutine
+from importlib import resources
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from admission import keys
+from admission.authority import AuthorityClient, AuthorityRequestFailed
+from admission.decision import QuotaKind
+from admission.errors import AuthorityUnavailable
+from admission.metrics import AuthorityMetrics, authority_metrics
+from creditservice.v1 import credit_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+RedisClient = Redis | RedisCluster
+
+_WALLET_KEY = re.compile(
+    r"^" + keys.PREFIX + r":\{" + keys.PREFIX + r"(\d+)\}:w:([a-z0-9][a-z0-9_-]{0,62})$"
+)
+
+
+def lua_source(name: str) -> str:
+    """A script of admission/lua, read as package data."""
+    return resources.files("admission").joinpath("lua", name).read_text(encoding="utf-8")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def quota_value(quota: pb.Quota) -> str:
+    """The quota_defs encoding of a quota: "rate:limit:window_seconds" or "concurrency:limit:0"."""
+    if quota.algorithm == pb.CONCURRENCY:
+        return f"{QuotaKind.CONCURRENCY.value}:{quota.limit}:0"
+    return f"{QuotaKind.RATE.value}:{quota.limit}:{quota.window_seconds}"
+
+
+def wallet_args(wallet: pb.Wallet) -> list[int]:
+    """snap ver state low od gu, the order apply_snapshot.lua and ack.lua take them in."""
+    return [
+        wallet.available,
+        wallet.version,
+        int(wallet.state),
+        wallet.low_balance_threshold,
+        wallet.overdraft_limit,
+        wallet.grace_until_ms,
+    ]
+
+
+class SnapshotStore:
+    """The Redis side: writes snapshots and quota entries of one project with one script call."""
+
+    def __init__(self, redis: RedisClient, *, shards: int = keys.DEFAULT_SHARDS) -> None:
+        self.redis = redis
+        self.shards = shards
+        self._script = redis.register_script(lua_source("apply_snapshot.lua"))
+
+    def _keys(self, project_id: str) -> list[str]:
+        shard = keys.shard_of(project_id, self.shards)
+        return [keys.wallet(shard, project_id), keys.quota_defs(shard, project_id)]
+
+    async def _call(self, project_id: str, args: list[Any]) -> tuple[bool, bool]:
+        cached, written = await self._script(keys=self._keys(project_id), args=args)
+        return bool(int(cached)), bool(int(written))
+
+    async def fill(
+        self, snapshot: pb.ProjectSnapshot, unsettled_limit: int | None, *, repair: bool = False
+    ) -> bool:
+        """Write a whole snapshot (creating the wallet when missing); True if the wallet changed.
+
+        `unsettled_limit` None leaves unsl unset: admit.lua then uses the policy's limit.
+        `repair` also rewrites a wallet of the same version (reconcile, lifecycle refresh).
+        """
+        pairs: list[Any] = []
+        for quota in snapshot.quotas:
+            pairs += [quota.name, quota_value(quota)]
+        unsl = "" if unsettled_limit is None else unsettled_limit
+        args = ["repair" if repair else "fill", *wallet_args(snapshot.wallet), unsl]
+        _, written = await self._call(snapshot.wallet.project_id, [*args, *pairs])
+        return written
+
+    async def apply_wallet(self, wallet: pb.Wallet) -> tuple[bool, bool]:
+        """(cached, written): a newer wallet version for a cached project."""
+        return await self._call(wallet.project_id, ["wallet", *wallet_args(wallet)])
+
+    async def set_quota(self, quota: pb.Quota) -> bool:
+        cached, _ = await self._call(quota.project_id, ["qset", quota.name, quota_value(quota)])
+        return cached
+
+    async def delete_quota(self, project_id: str, name: str) -> bool:
+        cached, _ = await self._call(project_id, ["qdel", name])
+        return cached
+
+    async def is_cached(self, project_id: str) -> bool:
+        return bool(await self.redis.exists(self._keys(project_id)[0]))
+
+    async def read_wallet(self, project_id: str) -> dict[str, int] | None:
+        raw = await self.redis.hgetall(self._keys(project_id)[0])
+        if not raw:
+            return None
+        return {_text(k): int(_text(v)) for k, v in raw.items()}
+
+    async def read_quotas(self, project_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self._keys(project_id)[1])
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def cached_projects(self) -> AsyncIterator[str]:
+        """Every project with a wallet hash in Redis (SCAN on every node of a cluster)."""
+        pattern = f"{keys.PREFIX}:{{{keys.PREFIX}*}}:w:*"
+        seen: set[str] = set()
+        async for key in self.redis.scan_iter(match=pattern, count=1000):
+            found = _WALLET_KEY.match(_text(key))
+            if found and found.group(2) not in seen:
+                seen.add(found.group(2))
+                yield found.group(2)
+
+    async def forget_api_keys(self) -> int:
+        """Delete every cached API key mapping (resync: revocations may have been missed)."""
+        deleted = 0
+        async for key in self.redis.scan_iter(match=keys.api_key("*"), count=1000):
+            deleted += int(await self.redis.delete(key))
+        return deleted
+
+
+# A number, a function of the wallet, or None for the engine's policy default (invariant 7).
+UnsettledLimit = int | Callable[[pb.Wallet], int] | None
+
+
+class CacheFiller:
+    """Implements ports.SnapshotFiller: one authority call per project at a time per process."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        authority: AuthorityClient,
+        *,
+        unsettled_limit: UnsettledLimit = None,
+        shards: int = keys.DEFAULT_SHARDS,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.store = SnapshotStore(redis, shards=shards)
+        self.authority = authority
+        self._unsettled_limit = unsettled_limit
+        self._metrics = authority_metrics(registry)
+        self._inflight: dict[str, asyncio.Future[bool]] = {}
+        self._buffers: dict[str, list[pb.WatchEvent]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def unsettled_limit(self, wallet: pb.Wallet) -> int | None:
+        limit = self._unsettled_limit
+        return limit(wallet) if callable(limit) else limit
+
+    async def fill(self, project_id: str) -> bool:
+        """Fill the project's snapshot; False when the authority does not know the project."""
+        return await self._single_flight(project_id, repair=False)
+
+    async def refresh(self, project_id: str) -> bool:
+        """A fill that starts after every change seen so far (waits out a fill in flight)."""
+        while (pending := self._inflight.get(project_id)) is not None:
+            await asyncio.wait([pending])
+        return await self._single_flight(project_id, repair=True)
+
+    async def _single_flight(self, project_id: str, *, repair: bool) -> bool:
+        fut = self._inflight.get(project_id)
+        if fut is None:
+            # Buffering starts before the authority call, so no event between the snapshot
+            # read and its write slips past unapplied.
+            self._buffers[project_id] = []
+            fut = asyncio.ensure_future(self._fill(project_id, repair))
+            self._inflight[project_id] = fut
+            fut.add_done_callback(lambda f: self._done(project_id, f))
+        else:
+            self._metrics.cache_fills.labels(result="shared").inc()
+        # A caller giving up (cancelled) must not cancel the fill others wait for.
+        return await asyncio.shield(fut)
+
+    def _done(self, project_id: str, fut: asyncio.Future[bool]) -> None:
+        if self._inflight.get(project_id) is fut:
+            del self._inflight[project_id]
+        self._buffers.pop(project_id, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved here: every waiter may have been cancelled
+
+    async def _fill(self, project_id: str, repair: bool) -> bool:
+        try:
+            snapshot = await self.authority.get_snapshot(project_id)
+        except AuthorityUnavailable:
+            self._metrics.cache_fills.labels(result="unavailable").inc()
+            raise
+        except Exception:
+            self._metrics.cache_fills.labels(result="error").inc()
+            raise
+        if snapshot is None:
+            self._metrics.cache_fills.labels(result="unknown").inc()
+            return False
+        await self.store.fill(snapshot, self.unsettled_limit(snapshot.wallet), repair=repair)
+        self._metrics.cache_fills.labels(result="filled").inc()
+        await self._replay(project_id, snapshot.cursor)
+        return True
+
+    async def _replay(self, project_id: str, after_cursor: int) -> None:
+        while True:
+            buffered = self._buffers.get(project_id)
+            if not buffered:
+                # No await between the check and the removal: the Watch task sees either the
+                # buffer (and appends) or no buffer (and applies directly), never a gap.
+                self._buffers.pop(project_id, None)
+                return
+            self._buffers[project_id] = []
+            for event in buffered:
+                if event.cursor > after_cursor:
+                    await self._apply(event)
+
+    async def on_event(self, event: pb.WatchEvent) -> None:
+        """Apply a project-scoped Watch event (wallet, quota, lifecycle) to Redis."""
+        buffer = self._buffers.get(event.project_id)
+        if buffer is not None:
+            buffer.append(event)
+            return
+        await self._apply(event)
+
+    async def _apply(self, event: pb.WatchEvent) -> None:
+        which = event.WhichOneof("change")
+        if which == "wallet":
+            await self.store.apply_wallet(event.wallet)
+        elif which == "quota":
+            quota = event.quota.quota
+            project_id = quota.project_id or event.project_id
+            if event.quota.deleted:
+                await self.store.delete_quota(project_id, quota.name)
+            else:
+                await self.store.set_quota(quota)
+        elif which == "lifecycle":
+            # A lifecycle event carries no wallet version: re-read the wallet instead of
+            # writing its state unversioned (which could undo a newer top-up).
+            project_id = event.lifecycle.project_id or event.project_id
+            if await self.store.is_cached(project_id):
+                self.spawn(self.refresh(project_id), f"lifecycle refresh {project_id}")
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(lambda t: self._reap(t, what))
+
+    def _reap(self, task: asyncio.Task[Any], what: str) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (err := task.exception()) is not None:
+            log.warning("%s failed: %r", what, err)
+
+    async def refresh_all(self, concurrency: int = 16) -> int:
+        """Re-read every cached project from the authority (Watch resync). Returns the count."""
+        limit = asyncio.Semaphore(concurrency)
+        count = 0
+
+        async def one(project_id: str) -> None:
+            async with limit:
+                await self.refresh(project_id)
+
+        async with asyncio.TaskGroup() as group:
+            async for project_id in self.store.cached_projects():
+                group.create_task(one(project_id))
+                count += 1
+        return count
+
+    async def aclose(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class KeyCache(Protocol):
+    """The local API key cache the Watch stream keeps honest (admission.identity)."""
+
+    def evict(self, key_hash: str) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def set_watch_connected(self, connected: bool) -> None: ...
+
+
+_STREAM_ERRORS = (AuthorityUnavailable, AuthorityRequestFailed, RedisError, TimeoutError)
+
+
+class WatchSubscriber:
+    """Applies the authority's Watch stream to Redis until cancelled; reconnects from its cursor.
+
+    Invariant 6: a change reaches Redis within one event of its push; reconnect backoff is
+    capped at `backoff_max_s` (default 1 s) so an outage ends with a prompt catch-up.
+    """
+
+    def __init__(
+        self,
+        filler: CacheFiller,
+        *,
+        key_caches: tuple[KeyCache, ...] = (),
+        start_cursor: int = 0,
+        resync_on_start: bool = True,
+        idle_timeout_s: float = 15.0,
+        backoff_initial_s: float = 0.05,
+        backoff_max_s: float = 1.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.filler = filler
+        self.store = filler.store
+        self.authority = filler.authority
+        self.key_caches = key_caches
+        self.resync_on_start = resync_on_start
+        self.idle_timeout_s = idle_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        # 0 = "from now on" until the first event says where we are; a caller that knows a
+        # cursor (e.g. of a snapshot it just filled) passes it so nothing after it is missed.
+        self.cursor = start_cursor
+        self.connected = asyncio.Event()
+        self.resyncs = 0
+        self._metrics: AuthorityMetrics = authority_metrics(registry)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="creditgate-watch")
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def wait_connected(self, timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            await self.connected.wait()
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected == self.connected.is_set():
+            return
+        if connected:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        self._metrics.watch_connected.set(1 if connected else 0)
+        for cache in self.key_caches:
+            cache.set_watch_connected(connected)
+
+    async def run(self) -> None:
+        backoff = self.backoff_initial_s
+        first = True
+        try:
+            while True:
+                try:
+                    async for event in self._stream():
+                        backoff = self.backoff_initial_s
+                        if not self.connected.is_set():
+                            self._set_connected(True)
+                            if first and self.resync_on_start:
+                                self.filler.spawn(self._resync("start"), "resync on start")
+                            first = False
+                        await self.handle(event)
+                    log.info("Watch stream ended by the authority; reconnecting")
+                except (
+                    AuthorityUnavailable,
+                    AuthorityRequestFailed,
+                    RedisError,
+                    TimeoutError,
+                ) as err:
+                    log.warning("Watch stream interrupted at cursor %d: %r", self.cursor, err)
+                self._set_connected(False)
+                self._metrics.watch_reconnects.inc()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.backoff_max_s)
+        finally:
+            self._set_connected(False)
+
+    async def _stream(self) -> AsyncIterator[pb.WatchEvent]:
+        stream = self.authority.watch(self.cursor)
+        try:
+            while True:
+                # Heartbeats keep an idle stream talking; silence means a dead peer.
+                async with asyncio.timeout(self.idle_timeout_s):
+                    try:
+                        event = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                yield event
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def handle(self, event: pb.WatchEvent) -> None:
+        """Apply one event; the cursor advances only after it is applied (resume replays it)."""
+        which = event.WhichOneof("change") or "none"
+        self._metrics.watch_events.labels(kind=which).inc()
+        if which in ("wallet", "quota", "lifecycle"):
+            await self.filler.on_event(event)
+        elif which == "key_revoked":
+            key_hash = event.key_revoked.key_hash
+            # Local first: a lookup in flight then sees the eviction and does not write the
+            # mapping back to Redis after our DEL.
+            for cache in self.key_caches:
+                cache.evict(key_hash)
+            await self.store.redis.delete(keys.api_key(key_hash))
+        elif which == "resync":
+            log.warning("Watch asks for a resync: %s", event.resync.reason)
+            self.filler.spawn(self._resync(event.resync.reason), "resync")
+        self.cursor = max(self.cursor, event.cursor)
+
+    async def _resync(self, why: str) -> None:
+        # Revocations may have been missed: forget every cached key mapping, locally too.
+        for cache in self.key_caches:
+            cache.clear()
+        await self.store.forget_api_keys()
+        refreshed = await self.filler.refresh_all()
+        self.resyncs += 1
+        log.info("resync (%s): %d cached projects re-read", why, refreshed)
+
+
+class Reconciler:
+    """Periodically compares cached wallets and quotas with the authority and repairs drift."""
+
+    def __init__(
+        self,
+        filler: CacheFiller,
+        *,
+        interval_s: float = 60.0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.filler = filler
+        self.store = filler.store
+        self.interval_s = interval_s
+        self._metrics = authority_metrics(registry)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.run_once()
+            except (AuthorityUnavailable, AuthorityRequestFailed, RedisError) as err:
+                log.warning("reconcile pass failed: %r", err)
+
+    async def run_once(self) -> list[str]:
+        """One pass over every cached project; returns the projects found stale (repaired)."""
+        drifted: list[str] = []
+        async for project_id in self.store.cached_projects():
+            snapshot = await self.filler.authority.get_snapshot(project_id)
+            if snapshot is None:
+                log.warning("cached project %s is unknown to the authority", project_id)
+                continue
+            if await self._stale(project_id, snapshot):
+                drifted.append(project_id)
+                log.warning("cache drift on project %s: repairing", project_id)
+                await self.filler.refresh(project_id)
+        self._metrics.drift_projects.set(len(drifted))
+        self._metrics.drift.inc(len(drifted))
+        return drifted
+
+    async def _stale(self, project_id: str, snapshot: pb.ProjectSnapshot) -> bool:
+        cached = await self.store.read_wallet(project_id)
+        if cached is None:
+            return False
+        w = snapshot.wallet
+        if cached.get(keys.W_VERSION, -1) < w.version:
+            return True
+        if cached.get(keys.W_VERSION, -1) == w.version and (
+            cached.get(keys.W_SNAPSHOT) != w.available or cached.get(keys.W_STATE) != int(w.state)
+        ):
+            return True
+        quotas = {q.name: quota_value(q) for q in snapshot.quotas}
+        return await self.store.read_quotas(project_id) != quotas

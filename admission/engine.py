@@ -1,0 +1,368 @@
+"""The admission engine API: admit, commit, release, sweep; usable without aiohttp.
+
+Turns requests into batched Redis script operations and their results into Decision values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from admission import keys
+from admission.batcher import Batcher
+from admission.decision import (
+    AdmitRequest,
+    Decision,
+    Hold,
+    Reason,
+    SettleOutcome,
+)
+from admission.errors import AuthorityUnavailable, StoreUnavailable
+from admission.policy import MAX_AMOUNT, Policy, Route
+from admission.ports import SnapshotFiller
+from admission.store import (
+    AdmitOp,
+    AdmitResult,
+    AdmitStatus,
+    Client,
+    SettleOp,
+    SettleResult,
+    SettleStatus,
+    Store,
+    StoreStats,
+)
+
+_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Engine-level counters; `store` holds the Redis-level ones (round trips, script calls)."""
+
+    store: StoreStats
+    admits: int = 0
+    cold_fills: int = 0
+    orphans_released: int = 0
+    redis_down: int = 0
+
+    @property
+    def round_trips(self) -> int:
+        return self.store.round_trips
+
+    @property
+    def script_calls(self) -> int:
+        return self.store.script_calls
+
+    @property
+    def batches(self) -> int:
+        return self.store.batches
+
+
+class AdmissionEngine:
+    """Admission against Redis with a policy; one per process, shared by every request."""
+
+    def __init__(
+        self,
+        redis: Client,
+        policy: Policy,
+        filler: SnapshotFiller,
+        *,
+        gateway_id: str,
+    ) -> None:
+        self.policy = policy
+        self._filler = filler
+        self._store = Store(redis, gateway_id=gateway_id)
+        self._batcher = Batcher(self._store, self._orphaned)
+        self._background: set[asyncio.Task[SettleOutcome]] = set()
+        self.stats = EngineStats(self._store.stats)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def shard_of(self, project_id: str) -> int:
+        return keys.shard_of(project_id, self.policy.settings.shards)
+
+    def request_for(self, route: Route, project_id: str) -> AdmitRequest:
+        return AdmitRequest(
+            project_id=project_id,
+            route=route.name,
+            cost=route.cost,
+            meter=route.meter,
+            quotas=route.quotas,
+            quota_weight=route.weight,
+            hold_ttl_seconds=self.policy.settings.hold_ttl_seconds,
+            allow_overage=route.allow_overage,
+            shadow=route.shadow,
+        )
+
+    def _invalid(self, req: AdmitRequest) -> str | None:
+        s = self.policy.settings
+        if type(req.cost) is not int:
+            return f"cost must be an integer, got {req.cost!r}"
+        if req.cost < 0:
+            return f"cost must be >= 0, got {req.cost}"
+        if req.cost > s.max_cost:
+            return f"cost must be <= {s.max_cost}, got {req.cost}"
+        if not isinstance(req.project_id, str) or not _PROJECT_RE.match(req.project_id):
+            return f"bad project id {req.project_id!r}"
+        if not _LABEL_RE.match(req.route) or not _LABEL_RE.match(req.meter):
+            return f"bad route or meter name {req.route!r} / {req.meter!r}"
+        if type(req.quota_weight) is not int or not 1 <= req.quota_weight <= MAX_AMOUNT:
+            return f"quota weight must be an integer >= 1, got {req.quota_weight!r}"
+        if type(req.hold_ttl_seconds) is not int or not 1 <= req.hold_ttl_seconds <= 7 * 86400:
+            return f"hold ttl must be 1..604800 seconds, got {req.hold_ttl_seconds!r}"
+        for q in req.quotas:
+            if q not in self.policy.quotas:
+                return f"unknown quota {q!r}"
+        if len(set(req.quotas)) != len(req.quotas):
+            return "duplicate quota"
+        return None
+
+    def _op(self, req: AdmitRequest) -> AdmitOp:
+        return AdmitOp(
+            shard=self.shard_of(req.project_id),
+            project_id=req.project_id,
+            op_id=uuid.uuid4().hex,
+            cost=req.cost,
+            weight=req.quota_weight,
+            ttl_ms=req.hold_ttl_seconds * 1000,
+            meter=req.meter,
+            route=req.route,
+            allow_overage=req.allow_overage,
+            unsettled_limit=self.policy.settings.unsettled_limit,
+            quotas=tuple(self.policy.quotas[q] for q in req.quotas),
+        )
+
+    # -- admit ------------------------------------------------------------------------------
+
+    async def admit(self, req: AdmitRequest) -> Decision:
+        """Decide one request. Never raises for Redis or authority failures: see Decision."""
+        problem = self._invalid(req)
+        if problem is not None:
+            return Decision(False, Reason.INVALID_REQUEST, req.project_id, detail=problem)
+        self.stats.admits += 1
+        op = self._op(req)
+        try:
+            res = await self._submit(op)
+            if res.status is AdmitStatus.COLD:
+                self.stats.cold_fills += 1
+                try:
+                    known = await self._filler.fill(req.project_id)
+                except AuthorityUnavailable as exc:
+                    return Decision(
+                        False,
+                        Reason.UNAVAILABLE,
+                        req.project_id,
+                        retry_after_seconds=self.policy.settings.unavailable_retry_after_seconds,
+                        detail=f"project not cached and the authority is unreachable: {exc}",
+                    )
+                if not known:
+                    return Decision(
+                        False,
+                        Reason.UNKNOWN_PROJECT,
+                        req.project_id,
+                        detail="the authority does not know this project",
+                    )
+                res = await self._submit(op)
+                if res.status is AdmitStatus.COLD:
+                    return Decision(
+                        False,
+                        Reason.UNAVAILABLE,
+                        req.project_id,
+                        retry_after_seconds=self.policy.settings.unavailable_retry_after_seconds,
+                        detail="the project snapshot is still missing after a cache fill",
+                    )
+        except (StoreUnavailable, RedisError, OSError) as exc:
+            return self._redis_down(req, exc)
+        return self._decision(req, op, res)
+
+    async def _submit(self, op: AdmitOp) -> AdmitResult:
+        fut = self._batcher.admit(op)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # The batch answered, but this task was cancelled before it resumed: the hold is
+            # ours to end. (A future cancelled before the answer is the batcher's case.)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                res = fut.result()
+                if res.hold_created:
+                    self._orphaned(op, res)
+            raise
+
+    def _redis_down(self, req: AdmitRequest, exc: BaseException) -> Decision:
+        self.stats.redis_down += 1
+        route = self.policy.route(req.route)
+        mode = route.on_redis_down if route is not None else ("deny" if req.cost > 0 else "allow")
+        if mode == "allow":
+            return Decision(
+                True,
+                Reason.ADMITTED,
+                req.project_id,
+                degraded=True,
+                shadow=req.shadow,
+                detail=f"redis unavailable: {exc}",
+            )
+        return Decision(
+            False,
+            Reason.UNAVAILABLE,
+            req.project_id,
+            retry_after_seconds=self.policy.settings.unavailable_retry_after_seconds,
+            detail=f"redis unavailable: {exc}",
+        )
+
+    def _decision(self, req: AdmitRequest, op: AdmitOp, res: AdmitResult) -> Decision:
+        s = self.policy.settings
+        if res.status is AdmitStatus.ADMITTED:
+            hold = None
+            if res.hold_created:
+                hold = Hold(
+                    op.op_id,
+                    op.project_id,
+                    op.shard,
+                    op.cost,
+                    op.route,
+                    op.meter,
+                    op.allow_overage,
+                    res.counters,
+                )
+            return Decision(
+                True,
+                Reason.ADMITTED,
+                req.project_id,
+                hold=hold,
+                quotas=res.quotas,
+                wallet_state=res.wallet_state,
+                low_balance=res.low,
+                grace_until_ms=res.grace_until_ms,
+                shadow=req.shadow,
+            )
+        reason = res.reason
+        if req.shadow:
+            return Decision(
+                True,
+                Reason.ADMITTED,
+                req.project_id,
+                quotas=res.quotas,
+                wallet_state=res.wallet_state,
+                low_balance=res.low,
+                grace_until_ms=res.grace_until_ms,
+                shadow=True,
+                would_deny=reason,
+            )
+        retry: int | None
+        if reason in (Reason.RATE_LIMITED, Reason.CONCURRENCY_LIMITED):
+            retry = max(1, res.retry_after)
+        elif reason in (Reason.INSUFFICIENT_CREDITS, Reason.WALLET_GRACE):
+            retry = s.credit_retry_after_seconds
+        elif reason is Reason.SETTLEMENT_BACKLOG:
+            retry = s.backlog_retry_after_seconds
+        else:
+            retry = None
+        return Decision(
+            False,
+            reason,
+            req.project_id,
+            quotas=res.quotas,
+            retry_after_seconds=retry,
+            wallet_state=res.wallet_state,
+            low_balance=res.low,
+            grace_until_ms=res.grace_until_ms,
+        )
+
+    # -- settle -----------------------------------------------------------------------------
+
+    async def commit(self, hold: Hold, amount: int | None = None) -> SettleOutcome:
+        """Commit `amount` (None: the held amount). Above the hold needs allow_overage."""
+        if amount is not None and (type(amount) is not int or not 0 <= amount <= MAX_AMOUNT):
+            return SettleOutcome(False, "INVALID", detail=f"bad commit amount {amount!r}")
+        return await self._settle(hold, "COMMIT", -1 if amount is None else amount)
+
+    async def release(self, hold: Hold) -> SettleOutcome:
+        return await self._settle(hold, "RELEASE", 0)
+
+    async def _settle(self, hold: Hold, kind: str, amount: int) -> SettleOutcome:
+        op = SettleOp(
+            hold.shard,
+            hold.hold_id,
+            kind,
+            amount,
+            keys.wallet(hold.shard, hold.project_id),
+            hold.counters,
+        )
+        try:
+            res = await self._settle_op(op)
+        except (StoreUnavailable, RedisError, OSError) as exc:
+            return SettleOutcome(False, "UNAVAILABLE", detail=f"redis unavailable: {exc}")
+        return _outcome(res)
+
+    async def _settle_op(self, op: SettleOp) -> SettleResult:
+        res = await self._batcher.settle(op)
+        if res.status is SettleStatus.WRONG_KEYS:
+            op = SettleOp(op.shard, op.hold_id, op.kind, op.amount, res.wallet_key, res.counters)
+            res = await self._batcher.settle(op)
+        return res
+
+    async def sweep_expired(self, limit: int = 1000) -> int:
+        """End every due hold (up to `limit` per shard) as EXPIRED; returns how many ended."""
+        shards = list(range(self.policy.settings.shards))
+        due = await self._store.due_holds(shards, limit)
+        ops = [
+            SettleOp(shard, hid, "EXPIRE", 0, None, ())
+            for shard, d in due.items()
+            for hid in d.hold_ids
+        ]
+        results = await asyncio.gather(*(self._settle_op(op) for op in ops), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):
+                raise r
+        return sum(
+            1 for r in results if isinstance(r, SettleResult) and r.status is SettleStatus.ENDED
+        )
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _orphaned(self, op: AdmitOp, res: AdmitResult) -> None:
+        """A hold was created for a caller that is gone: release it now rather than at expiry."""
+        self.stats.orphans_released += 1
+        hold = Hold(
+            op.op_id,
+            op.project_id,
+            op.shard,
+            op.cost,
+            op.route,
+            op.meter,
+            op.allow_overage,
+            res.counters,
+        )
+        task = asyncio.get_running_loop().create_task(self.release(hold))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for in-flight batches and background releases (call before closing Redis)."""
+        while self._background or self._batcher.busy:
+            await self._batcher.drain()
+            if self._background:
+                await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _outcome(res: SettleResult) -> SettleOutcome:
+    if res.status is SettleStatus.ENDED:
+        return SettleOutcome(True, res.state, res.amount)
+    if res.status is SettleStatus.UNKNOWN:
+        return SettleOutcome(False, "UNKNOWN", detail="no such hold (never existed or long gone)")
+    if res.status is SettleStatus.ALREADY_ENDED:
+        return SettleOutcome(False, res.state, detail=f"hold already ended as {res.state}")
+    if res.status is SettleStatus.OVER_HOLD:
+        return SettleOutcome(
+            False,
+            "ACTIVE",
+            res.amount,
+            detail=f"commit {res.amount} exceeds the hold of {res.held} "
+            "and the route does not allow overage",
+        )
+    return SettleOutcome(False, res.state, detail=f"settle failed: {res.status.name}")

@@ -1,0 +1,31 @@
+"""Errors of the admission package; decisions are values (admission.decision), these are failures.
+
+AdmissionError
+├── PolicyError            bad policy file: message names file, line and field
+├── StoreUnavailable       Redis unreachable or too slow (converted from redis-py errors)
+└── AuthorityUnavailable   the authority cannot be reached (cache fill, settle)
+"""
+
+from __future__ import annotations
+
+
+class AdmissionError(Exception):
+    """Base of every error raised by the admission package."""
+
+
+class PolicyError(AdmissionError):
+    """A policy file that cannot be used, e.g. "policy.toml:14: routes[1].cost: must be ..."."""
+
+    def __init__(self, message: str, *, filename: str = "", line: int = 0, field: str = "") -> None:
+        super().__init__(message)
+        self.filename = filename
+        self.line = line
+        self.field = field
+
+
+class StoreUnavailable(AdmissionError):
+    """Redis did not answer in time or refused the connection; the original is the __cause__."""
+
+
+class AuthorityUnavailable(AdmissionError):
+    """The authority could not be reached or did not answer before the deadline."""

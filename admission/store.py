@@ -1,0 +1,374 @@
+"""The Redis adapter of the engine: encodes batches for admit.lua / settle.lua / sweep.lua.
+
+One pipeline round trip for all shards on standalone Redis; one call per shard on a Cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import importlib.resources
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from admission import keys
+from admission.decision import QuotaKind, QuotaStatus, Reason, WalletState
+from admission.errors import StoreUnavailable
+from admission.policy import QuotaDef
+
+Client: TypeAlias = "aioredis.Redis | aioredis.RedisCluster"
+
+# A script call with hundreds of operations blocks Redis for its whole run; split bigger batches.
+MAX_OPS_PER_CALL = 128
+
+_REASONS = {
+    0: Reason.ADMITTED,
+    1: Reason.RATE_LIMITED,
+    2: Reason.CONCURRENCY_LIMITED,
+    3: Reason.INSUFFICIENT_CREDITS,
+    4: Reason.WALLET_GRACE,
+    5: Reason.WALLET_EXPIRED,
+    6: Reason.SETTLEMENT_BACKLOG,
+}
+
+
+class AdmitStatus(enum.IntEnum):
+    ADMITTED = 0
+    DENIED = 1
+    COLD = 2
+
+
+class SettleStatus(enum.IntEnum):
+    ENDED = 0
+    UNKNOWN = 1
+    ALREADY_ENDED = 2
+    OVER_HOLD = 3
+    WRONG_KEYS = 4
+    NOT_DUE = 5
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitOp:
+    shard: int
+    project_id: str
+    op_id: str  # the hold id when a hold is created; the rate log member otherwise
+    cost: int
+    weight: int
+    ttl_ms: int
+    meter: str
+    route: str
+    allow_overage: bool
+    unsettled_limit: int
+    quotas: tuple[QuotaDef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    status: AdmitStatus
+    reason: Reason
+    retry_after: int
+    wallet_state: WalletState
+    low: bool
+    grace_until_ms: int
+    hold_created: bool
+    quotas: tuple[QuotaStatus, ...]
+    counters: tuple[str, ...]  # concurrency counter keys the hold occupies
+    now_ms: int  # the script's clock when it decided
+
+
+@dataclass(frozen=True, slots=True)
+class SettleOp:
+    shard: int
+    hold_id: str
+    kind: str  # COMMIT | RELEASE | EXPIRE
+    amount: int  # -1: the held amount
+    wallet_key: str | None
+    counters: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    status: SettleStatus
+    state: str
+    amount: int
+    held: int
+    wallet_key: str
+    counters: tuple[str, ...]
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """Holds of one shard whose expiry had passed at `now_ms` (Redis time)."""
+
+    now_ms: int
+    hold_ids: list[str]
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters for the benchmark and the metrics module; only ever incremented."""
+
+    batches: int = 0
+    round_trips: int = 0
+    script_calls: int = 0
+    admit_ops: int = 0
+    settle_ops: int = 0
+    script_loads: int = 0
+    errors: int = 0
+
+
+def _lua(name: str) -> str:
+    return importlib.resources.files("admission").joinpath("lua", name).read_text("utf-8")
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+# A batch result: per (script, shard) the results of its ops, or the error that stopped it.
+Results: TypeAlias = "dict[tuple[str, int], list[Any] | BaseException]"
+
+
+class Store:
+    """Runs batches of admit/settle operations against Redis or Redis Cluster."""
+
+    def __init__(self, client: Client, *, gateway_id: str) -> None:
+        self._client = client
+        self._cluster = isinstance(client, aioredis.RedisCluster)
+        self._gateway = gateway_id
+        self._scripts = {
+            name: client.register_script(_lua(f"{name}.lua"))
+            for name in ("admit", "settle", "sweep")
+        }
+        self.stats = StoreStats()
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _admit_call(shard: int, ops: Sequence[AdmitOp]) -> tuple[list[str], list[str]]:
+        ks = [keys.hold_expiry(shard), keys.clock_offset(shard)]
+        args = [str(len(ops))]
+        for op in ops:
+            ks += [
+                keys.wallet(shard, op.project_id),
+                keys.quota_defs(shard, op.project_id),
+                keys.hold(shard, op.op_id),
+            ]
+            args += [
+                op.project_id,
+                op.op_id,
+                str(op.cost),
+                str(op.weight),
+                str(op.ttl_ms),
+                op.meter,
+                op.route,
+                "1" if op.allow_overage else "0",
+                str(op.unsettled_limit),
+                str(len(op.quotas)),
+            ]
+            for q in op.quotas:
+                ks += [
+                    keys.rate(shard, op.project_id, q.name),
+                    keys.rate_sum(shard, op.project_id, q.name),
+                    keys.concurrency(shard, op.project_id, q.name),
+                ]
+                args += [q.name, q.kind.value, str(q.limit), str(q.window_seconds)]
+        return ks, args
+
+    def _settle_call(self, shard: int, ops: Sequence[SettleOp]) -> tuple[list[str], list[str]]:
+        ks = [keys.hold_expiry(shard), keys.clock_offset(shard), keys.outbox(shard)]
+        args = [keys.wallet(shard, "")[: -len("w:")], self._gateway, str(len(ops))]
+        for op in ops:
+            extra = [] if op.wallet_key is None else [op.wallet_key, *op.counters]
+            ks += [keys.hold(shard, op.hold_id), *extra]
+            args += [op.hold_id, op.kind, str(op.amount), str(len(extra))]
+        return ks, args
+
+    @staticmethod
+    def _decode_admit(op: AdmitOp, raw: list[Any]) -> AdmitResult:
+        status = AdmitStatus(int(raw[0]))
+        quotas: list[QuotaStatus] = []
+        counters: list[str] = []
+        if status is not AdmitStatus.COLD:
+            for i, q in enumerate(op.quotas):
+                base = 8 + 5 * i
+                kind_n, limit, window, remaining, reset = (int(x) for x in raw[base : base + 5])
+                kind = QuotaKind.RATE if kind_n == 0 else QuotaKind.CONCURRENCY
+                quotas.append(QuotaStatus(q.name, kind, limit, window, remaining, reset))
+                if kind is QuotaKind.CONCURRENCY:
+                    counters.append(keys.concurrency(op.shard, op.project_id, q.name))
+        return AdmitResult(
+            status=status,
+            reason=_REASONS[int(raw[1])],
+            retry_after=int(raw[2]),
+            wallet_state=WalletState(int(raw[3]))
+            if int(raw[3]) in WalletState._value2member_map_
+            else WalletState.UNSPECIFIED,
+            low=int(raw[4]) == 1,
+            grace_until_ms=int(raw[5]),
+            hold_created=int(raw[6]) == 1,
+            quotas=tuple(quotas),
+            counters=tuple(counters) if int(raw[6]) == 1 else (),
+            now_ms=int(raw[7]),
+        )
+
+    @staticmethod
+    def _decode_settle(raw: list[Any]) -> SettleResult:
+        counters = tuple(_s(raw[5]).split())
+        return SettleResult(
+            SettleStatus(int(raw[0])),
+            _s(raw[1]),
+            int(raw[2]),
+            int(raw[3]),
+            _s(raw[4]),
+            counters,
+            int(raw[6]),
+        )
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(
+        self,
+        admits: Mapping[int, Sequence[AdmitOp]],
+        settles: Mapping[int, Sequence[SettleOp]],
+    ) -> tuple[
+        dict[int, list[AdmitResult] | BaseException], dict[int, list[SettleResult] | BaseException]
+    ]:
+        """Run every shard's batch; a failed shard maps to its StoreUnavailable."""
+        self.stats.batches += 1
+        calls: list[tuple[str, int, int, list[str], list[str]]] = []
+        for shard, ops in admits.items():
+            for lo in range(0, len(ops), MAX_OPS_PER_CALL):
+                ks, args = self._admit_call(shard, ops[lo : lo + MAX_OPS_PER_CALL])
+                calls.append(("admit", shard, lo, ks, args))
+            self.stats.admit_ops += len(ops)
+        for shard, sops in settles.items():
+            for lo in range(0, len(sops), MAX_OPS_PER_CALL):
+                ks, args = self._settle_call(shard, sops[lo : lo + MAX_OPS_PER_CALL])
+                calls.append(("settle", shard, lo, ks, args))
+            self.stats.settle_ops += len(sops)
+        raw = await self._execute([(name, ks, args) for name, _, _, ks, args in calls])
+
+        admit_out: dict[int, list[AdmitResult] | BaseException] = {}
+        settle_out: dict[int, list[SettleResult] | BaseException] = {}
+        for (name, shard, lo, _, _), res in zip(calls, raw, strict=True):
+            if name == "admit":
+                a_prev = admit_out.get(shard)
+                if isinstance(a_prev, BaseException):
+                    continue
+                if isinstance(res, BaseException):
+                    admit_out[shard] = res
+                    continue
+                chunk = admits[shard][lo : lo + MAX_OPS_PER_CALL]
+                decoded = [self._decode_admit(op, r) for op, r in zip(chunk, res, strict=True)]
+                admit_out[shard] = [*(a_prev or []), *decoded]
+            else:
+                s_prev = settle_out.get(shard)
+                if isinstance(s_prev, BaseException):
+                    continue
+                if isinstance(res, BaseException):
+                    settle_out[shard] = res
+                    continue
+                settle_out[shard] = [*(s_prev or []), *(self._decode_settle(r) for r in res)]
+        return admit_out, settle_out
+
+    async def due_holds(self, shards: Sequence[int], limit: int) -> dict[int, Due]:
+        """Ids of expired holds per shard (Redis time); raises StoreUnavailable."""
+        calls = [
+            ("sweep", [keys.hold_expiry(s), keys.clock_offset(s)], [str(limit)]) for s in shards
+        ]
+        raw = await self._execute(calls)
+        out: dict[int, Due] = {}
+        for shard, res in zip(shards, raw, strict=True):
+            if isinstance(res, BaseException):
+                raise res
+            out[shard] = Due(int(res[0]), [_s(x) for x in res[1]])
+        return out
+
+    async def _execute(
+        self, calls: Sequence[tuple[str, list[str], list[str]]]
+    ) -> list[Any | BaseException]:
+        if not calls:
+            return []
+        self.stats.script_calls += len(calls)
+        if self._cluster:
+            self.stats.round_trips += len(calls)
+            return list(await asyncio.gather(*(self._call_one(*c) for c in calls)))
+        return await self._pipeline(calls)
+
+    async def _pipeline(
+        self, calls: Sequence[tuple[str, list[str], list[str]]]
+    ) -> list[Any | BaseException]:
+        client = self._client
+        assert isinstance(client, aioredis.Redis)
+        results: list[Any | BaseException] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for i in todo:
+                name, ks, args = calls[i]
+                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(ks), *ks, *args)
+            self.stats.round_trips += 1
+            try:
+                raw = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                self.stats.errors += 1
+                err = StoreUnavailable(f"redis: {exc!r}")
+                err.__cause__ = exc
+                for i in todo:
+                    results[i] = err
+                return results
+            missing: list[int] = []
+            for i, r in zip(todo, raw, strict=True):
+                if isinstance(r, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                elif isinstance(r, BaseException):
+                    self.stats.errors += 1
+                    err = StoreUnavailable(f"redis script {calls[i][0]}: {r!r}")
+                    err.__cause__ = r
+                    results[i] = err
+                else:
+                    results[i] = r
+            if not missing:
+                break
+            # Scripts are gone after a restart or SCRIPT FLUSH: load them, redo only those calls
+            # (NOSCRIPT means the call did not run, so re-sending cannot apply anything twice).
+            try:
+                for name in {calls[i][0] for i in missing}:
+                    await client.script_load(self._scripts[name].script)
+                    self.stats.script_loads += 1
+                    self.stats.round_trips += 1
+            except (RedisError, OSError) as exc:
+                err = StoreUnavailable(f"redis: {exc!r}")
+                err.__cause__ = exc
+                for i in missing:
+                    results[i] = err
+                return results
+            todo = missing
+        return results
+
+    async def _call_one(self, name: str, ks: list[str], args: list[str]) -> Any:
+        script = self._scripts[name]
+        client = self._client
+        try:
+            try:
+                return await client.evalsha(script.sha, len(ks), *ks, *args)
+            except NoScriptError:
+                # Per-node script caches are lost on restart and failover (redis-py#3935).
+                await client.script_load(script.script)
+                self.stats.script_loads += 1
+                return await client.evalsha(script.sha, len(ks), *ks, *args)
+        except (RedisError, OSError) as exc:
+            self.stats.errors += 1
+            err = StoreUnavailable(f"redis: {exc!r}")
+            err.__cause__ = exc
+            return err

@@ -1,0 +1,197 @@
+"""SQLite backend: stdlib sqlite3 in WAL mode behind the shared store logic.
+
+sqlite3 blocks, so every connection lives on its own single-thread executor: one writer (BEGIN
+IMMEDIATE, serialized by an asyncio lock), one reader for short reads, and a fresh connection per
+long snapshot (export) so an export never holds up the rest. `:memory:` uses the writer for all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, TypeVar
+
+from creditservice.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    ServiceError,
+    Unavailable,
+)
+from creditservice.storage.driver import Row, Tx
+from creditservice.storage.sqlstore import SqlStore
+
+T = TypeVar("T")
+
+
+def convert_error(exc: sqlite3.Error) -> ServiceError:
+    """sqlite3 errors as service errors (the caller keeps `exc` as __cause__)."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.IntegrityError):
+        if "UNIQUE" in text or "PRIMARY KEY" in text:
+            return AlreadyExists(f"storage: {text}")
+        return FailedPrecondition(f"storage: {text}")
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+        return Unavailable(f"storage busy: {text}")
+    return ServiceError(f"storage error: {text}")
+
+
+class _Conn:
+    """One sqlite3 connection confined to its own thread."""
+
+    def __init__(self, path: str, *, uri: bool = False) -> None:
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="creditservice-sqlite"
+        )
+        self._path = path
+        self._uri = uri
+        self.db: sqlite3.Connection | None = None
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self.db is not None
+            return fn(self.db)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        except sqlite3.Error as exc:
+            raise convert_error(exc) from exc
+
+    async def open(self, *pragmas: str) -> None:
+        def connect() -> None:
+            db = sqlite3.connect(
+                self._path, isolation_level=None, check_same_thread=False, uri=self._uri
+            )
+            for pragma in pragmas:
+                db.execute(pragma)
+            self.db = db
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, connect)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot open SQLite database {self._path!r}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self.db is not None:
+            db, self.db = self.db, None
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=True)
+
+
+class _SqliteTx:
+    def __init__(self, conn: _Conn) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        await self._conn.run(lambda db: db.execute(sql, args))
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self._conn.run(lambda db: db.executemany(sql, rows))
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return await self._conn.run(lambda db: db.execute(sql, args).fetchall())
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        row: Row | None = await self._conn.run(lambda db: db.execute(sql, args).fetchone())
+        return row
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else row[0]
+
+    async def insert_many(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        marks = ", ".join("?" * len(columns))
+        await self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        # The batch is at most 10,000 ids, well under SQLite's 32,766 parameter limit.
+        return f"{column} IN ({', '.join('?' * len(values))})", list(values)
+
+
+class SqliteDriver:
+    backend = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._memory = path == ":memory:"
+        self._writer = _Conn(path)
+        self._reader = self._writer if self._memory else _Conn(path)
+        self._write_lock = asyncio.Lock()
+        self._read_lock = self._write_lock if self._memory else asyncio.Lock()
+
+    async def start(self) -> None:
+        await self._writer.open("PRAGMA busy_timeout = 5000")
+        if not self._memory:
+            await self._writer.run(lambda db: db.execute("PRAGMA journal_mode = WAL"))
+        await self._writer.run(lambda db: db.execute("PRAGMA synchronous = NORMAL"))
+        schema = resources.files(__package__).joinpath("schema_sqlite.sql").read_text()
+        await self._writer.run(lambda db: db.executescript(schema))
+        if not self._memory:
+            await self._reader.open("PRAGMA busy_timeout = 5000", "PRAGMA query_only = ON")
+
+    async def close(self) -> None:
+        async with self._write_lock:
+            if self._reader is not self._writer:
+                await self._reader.close()
+            await self._writer.close()
+
+    @asynccontextmanager
+    async def _transaction(self, conn: _Conn, begin: str) -> AsyncIterator[Tx]:
+        await conn.run(lambda db: db.execute(begin))
+        try:
+            yield _SqliteTx(conn)
+        except BaseException:
+            await conn.run(lambda db: db.execute("ROLLBACK"))
+            raise
+        await conn.run(lambda db: db.execute("COMMIT"))
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Tx]:
+        async with self._write_lock, self._transaction(self._writer, "BEGIN IMMEDIATE") as tx:
+            yield tx
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Tx]:
+        async with self._read_lock, self._transaction(self._reader, "BEGIN") as tx:
+            yield tx
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Tx]:
+        if self._memory:
+            async with self.read() as tx:
+                yield tx
+            return
+        conn = _Conn(self._path)
+        await conn.open("PRAGMA busy_timeout = 5000", "PRAGMA query_only = ON")
+        try:
+            async with self._transaction(conn, "BEGIN") as tx:
+                yield tx
+        finally:
+            await conn.close()
+
+
+def path_of(url: str) -> str:
+    """sqlite:////abs/path.db -> /abs/path.db; sqlite:///rel.db -> rel.db; sqlite://:memory:."""
+    rest = url.removeprefix("sqlite:")
+    if rest in ("//:memory:", ":memory:", "///:memory:"):
+        return ":memory:"
+    if rest.startswith("///"):
+        return rest[3:]
+    if rest.startswith("//"):
+        return rest[2:]
+    return rest
+
+
+async def open_sqlite(url: str) -> SqlStore:
+    driver = SqliteDriver(path_of(url))
+    try:
+        await driver.start()
+    except BaseException:
+        await driver.close()
+        raise
+    return SqlStore(driver)

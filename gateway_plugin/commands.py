@@ -1,0 +1,281 @@
+"""`creditgate gateway serve` and `creditgate demo`.
+
+`serve --workers N` (N > 1) runs N spawned processes on one port (SO_REUSEPORT); each builds its
+own event loop, Redis client and gRPC channel, and /metrics merges all of them (multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from aiohttp import web
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """Everything a worker needs; plain data so that it pickles into spawned processes."""
+
+    policy: str
+    upstream: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    authority: str = "127.0.0.1:50051"
+    token: str = ""
+    workers: int = 1
+    shutdown_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+    dashboard: bool = True
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _build_app(opts: ServeOptions) -> web.Application:
+    from gateway_plugin.config import GatewayConfig
+    from gateway_plugin.proxy import ProxyConfig, build_gateway_app
+
+    config = GatewayConfig(
+        policy=Path(opts.policy),
+        redis_url=opts.redis_url,
+        redis_cluster=opts.redis_cluster,
+        authority_target=opts.authority,
+        authority_token=opts.token,
+    )
+    proxy = ProxyConfig(
+        upstream=opts.upstream,
+        connect_timeout=opts.connect_timeout,
+        read_timeout=opts.read_timeout,
+    )
+    return build_gateway_app(config, proxy, dashboard=opts.dashboard)
+
+
+async def serve(opts: ServeOptions, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, drain requests and run the cleanups."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    app = _build_app(opts)
+    runner = web.AppRunner(app, shutdown_timeout=opts.shutdown_timeout, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, opts.host, opts.port, reuse_port=reuse_port or None)
+        await site.start()
+        print(
+            f"creditgate gateway pid {os.getpid()} on http://{opts.host}:{opts.port} "
+            f"-> {opts.upstream}",
+            flush=True,
+        )
+        await stop.wait()
+    finally:
+        # Stops the listener, waits up to shutdown_timeout for handlers, then the plugin's
+        # cleanup settles in-flight holds and drains the outbox to the authority.
+        await runner.cleanup()
+
+
+def _worker(opts: ServeOptions) -> None:
+    asyncio.run(serve(opts, reuse_port=True))
+
+
+def run_workers(opts: ServeOptions) -> int:
+    """Supervise `opts.workers` spawned workers; SIGTERM/SIGINT is forwarded to each of them."""
+    own_dir = not os.environ.get(MULTIPROC_ENV)
+    mp_dir = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="creditgate-prom-")
+    # Stale files of an earlier run would be summed into this run's counters.
+    for stale in Path(mp_dir).glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = mp_dir
+    # spawn, not fork: nothing (gRPC, Redis, the loop) is inherited from this process.
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker, args=(opts,), name=f"creditgate-worker-{i}")
+        for i in range(opts.workers)
+    ]
+    stopping = False
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    from prometheus_client import multiprocess
+
+    code = 0
+    try:
+        for p in procs:
+            p.start()
+        alive = list(procs)
+        while alive:
+            # Any worker ending (crash or signal) stops the others: a half-sized gateway on a
+            # shared port would hide the failure behind the surviving workers.
+            multiprocessing.connection.wait([p.sentinel for p in alive])
+            for p in [p for p in alive if p.exitcode is not None]:
+                alive.remove(p)
+                if p.pid is not None:
+                    multiprocess.mark_process_dead(p.pid, mp_dir)  # type: ignore[no-untyped-call]
+                if p.exitcode != 0:
+                    code = 1
+                    print(f"creditgate worker {p.pid} exited with {p.exitcode}", file=sys.stderr)
+                if not stopping:
+                    forward(signal.SIGTERM, None)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if own_dir:
+            shutil.rmtree(mp_dir, ignore_errors=True)
+    return code
+
+
+def _serve_cmd(args: argparse.Namespace) -> int:
+    host, port = args.listen
+    token = args.token if args.token is not None else os.environ.get("CREDITGATE_ADMIN_TOKEN", "")
+    opts = ServeOptions(
+        policy=args.policy,
+        upstream=args.upstream,
+        host=host,
+        port=port,
+        redis_url=args.redis,
+        redis_cluster=args.redis_cluster,
+        authority=args.authority,
+        token=token,
+        workers=args.workers,
+        shutdown_timeout=args.shutdown_timeout,
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        dashboard=not args.no_dashboard,
+    )
+    if opts.workers > 1:
+        return run_workers(opts)
+    asyncio.run(serve(opts))
+    return 0
+
+
+def _demo_cmd(args: argparse.Namespace) -> int:
+    from gateway_plugin.demo import DemoOptions, run_demo
+
+    return run_demo(
+        DemoOptions(
+            state_dir=Path(args.state_dir),
+            port=args.port,
+            traffic=args.traffic,
+            check=args.check,
+            exit_after=args.exit_after,
+        )
+    )
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gw = sub.add_parser("gateway", help="the standalone reverse-proxy gateway")
+    gw_sub = gw.add_subparsers(dest="gateway_command", required=True, metavar="COMMAND")
+    s = gw_sub.add_parser(
+        "serve",
+        help="reverse-proxy to an upstream with admission in front",
+        description="Reverse-proxy every request to --upstream, admitted by creditgate.",
+    )
+    s.add_argument("--policy", required=True, help="admission policy TOML file")
+    s.add_argument(
+        "--upstream", required=True, help="base URL of the upstream, e.g. http://127.0.0.1:9000"
+    )
+    s.add_argument(
+        "--listen",
+        type=parse_listen,
+        default=parse_listen(DEFAULT_LISTEN),
+        help=f"HOST:PORT to listen on (default {DEFAULT_LISTEN})",
+    )
+    s.add_argument(
+        "--redis",
+        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="Redis URL (env REDIS_URL; a seed node with --redis-cluster)",
+    )
+    s.add_argument("--redis-cluster", action="store_true", help="Redis is a Redis Cluster")
+    s.add_argument("--authority", default="127.0.0.1:50051", help="authority gRPC HOST:PORT")
+    s.add_argument(
+        "--token",
+        default=None,
+        help="admin token for the authority and the dashboard "
+        "(default: env CREDITGATE_ADMIN_TOKEN)",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the port (SO_REUSEPORT); default 1",
+    )
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get on SIGTERM (default 30)",
+    )
+    s.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        help="upstream connect timeout in seconds -> 502/504 (default 5)",
+    )
+    s.add_argument(
+        "--read-timeout",
+        type=float,
+        default=60.0,
+        help="longest upstream silence in seconds before 504 (default 60)",
+    )
+    s.add_argument(
+        "--no-dashboard", action="store_true", help="do not serve /_creditgate/dashboard"
+    )
+    s.set_defaults(func=_serve_cmd)
+
+    d = sub.add_parser(
+        "demo",
+        help="run Redis, the authority, a gateway and a sample API on this machine",
+        description="Start the whole stack with built-in defaults and print what to try.",
+    )
+    d.add_argument(
+        "--state-dir",
+        default=".creditgate-demo",
+        help="where the demo keeps its database, keys and Redis files (default ./.creditgate-demo)",
+    )
+    d.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    d.add_argument(
+        "--traffic",
+        action="store_true",
+        help="send a few requests per second so the dashboard moves",
+    )
+    d.add_argument(
+        "--check",
+        action="store_true",
+        help="run the three example requests, print their statuses and stop",
+    )
+    d.add_argument(
+        "--exit-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run the example requests, stop after SECONDS (for CI)",
+    )
+    d.set_defaults(func=_demo_cmd)

@@ -1,0 +1,135 @@
+"""Every response header the plugin writes: RateLimit-Policy / RateLimit, Retry-After, warnings.
+
+Pure functions of an admission Decision, no I/O. draft-ietf-httpapi-ratelimit-headers may still
+rename parameters: this is the only module that knows them.
+
+Formats (all Structured Fields, RFC 8941):
+  RateLimit-Policy: "requests";q=600;w=60, "concurrent";q=20;qu="concurrent-requests"
+  RateLimit: "requests";r=599;t=1, "concurrent";r=19
+  Retry-After: 7                          (429 / 402 / 503; integer seconds, >= every exhausted t)
+  Creditgate-Warning: "low-balance"       (admitted while the wallet is LOW; an sf-list of
+                                            tokens-as-strings, so more warnings can be added)
+  Creditgate-Shadow: would-deny="rate-limited"   (shadow route whose rules would have denied)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, MutableMapping
+
+from multidict import istr
+
+from admission.decision import Decision, QuotaKind, QuotaStatus
+
+RATELIMIT_POLICY = istr("RateLimit-Policy")
+RATELIMIT = istr("RateLimit")
+RETRY_AFTER = istr("Retry-After")
+WARNING = istr("Creditgate-Warning")
+SHADOW = istr("Creditgate-Shadow")
+
+# Parameter names of the draft (-10); change here if the draft renames them.
+P_QUOTA = "q"
+P_WINDOW = "w"
+P_UNIT = "qu"
+P_REMAINING = "r"
+P_RESET = "t"
+UNIT_CONCURRENT = '"concurrent-requests"'
+
+LOW_BALANCE_WARNING = '"low-balance"'
+
+_MAX_CACHED_NAMES = 4096
+_quoted_names: dict[str, str] = {}
+_shadow_values: dict[str, str] = {}
+
+
+def sf_string(text: str) -> str:
+    """An RFC 8941 sf-string: printable ASCII only, with \\ and " escaped.
+
+    Characters outside %x20-7E cannot appear in an sf-string; they become "?" so that a
+    strange quota name degrades a header instead of failing the request.
+    """
+    out = ['"']
+    for ch in text:
+        if ch in '\\"':
+            out.append("\\" + ch)
+        elif " " <= ch <= "~":
+            out.append(ch)
+        else:
+            out.append("?")
+    out.append('"')
+    return "".join(out)
+
+
+def _quoted(name: str) -> str:
+    # Quota names come from a small, fixed policy: quoting each once keeps the hot path short.
+    q = _quoted_names.get(name)
+    if q is None:
+        q = sf_string(name)
+        if len(_quoted_names) < _MAX_CACHED_NAMES:
+            _quoted_names[name] = q
+    return q
+
+
+def policy_item(quota: QuotaStatus) -> str:
+    if quota.kind is QuotaKind.CONCURRENCY:
+        return f"{_quoted(quota.name)};{P_QUOTA}={quota.limit};{P_UNIT}={UNIT_CONCURRENT}"
+    return f"{_quoted(quota.name)};{P_QUOTA}={quota.limit};{P_WINDOW}={quota.window_seconds}"
+
+
+def ratelimit_item(quota: QuotaStatus) -> str:
+    remaining = quota.remaining if quota.remaining > 0 else 0
+    if quota.kind is QuotaKind.CONCURRENCY:
+        # A concurrency slot frees when some request ends: there is no reset time to promise.
+        return f"{_quoted(quota.name)};{P_REMAINING}={remaining}"
+    reset = quota.reset_seconds if quota.reset_seconds > 0 else 0
+    return f"{_quoted(quota.name)};{P_REMAINING}={remaining};{P_RESET}={reset}"
+
+
+def ratelimit_policy_value(quotas: Iterable[QuotaStatus]) -> str:
+    return ", ".join([policy_item(q) for q in quotas])
+
+
+def ratelimit_value(quotas: Iterable[QuotaStatus]) -> str:
+    return ", ".join([ratelimit_item(q) for q in quotas])
+
+
+def retry_after_seconds(decision: Decision, default_seconds: int = 1) -> int:
+    """Seconds a denied caller should wait: the engine's hint, never earlier than the reset
+    (t) of any quota the request exhausted, and at least 1."""
+    seconds = decision.retry_after_seconds
+    if seconds is None:
+        seconds = default_seconds
+    for q in decision.quotas:
+        if q.remaining <= 0 and q.kind is QuotaKind.RATE and q.reset_seconds > seconds:
+            seconds = q.reset_seconds
+    return seconds if seconds >= 1 else 1
+
+
+def shadow_value(would_deny: str) -> str:
+    v = _shadow_values.get(would_deny)
+    if v is None:
+        v = _shadow_values[would_deny] = f"would-deny={sf_string(would_deny)}"
+    return v
+
+
+def apply_admitted(headers: MutableMapping[str, str], decision: Decision) -> None:
+    """Headers of a response to an admitted request (the handler's own response)."""
+    quotas = decision.quotas
+    if quotas:
+        headers[RATELIMIT_POLICY] = ratelimit_policy_value(quotas)
+        headers[RATELIMIT] = ratelimit_value(quotas)
+    if decision.low_balance:
+        headers[WARNING] = LOW_BALANCE_WARNING
+    if decision.would_deny is not None:
+        headers[SHADOW] = shadow_value(decision.would_deny.value)
+
+
+def apply_denied(
+    headers: MutableMapping[str, str], decision: Decision, retry_after: int | None
+) -> None:
+    """Headers of a denial; retry_after None for denials that waiting does not cure (401/403)."""
+    quotas = decision.quotas
+    if quotas:
+        headers[RATELIMIT_POLICY] = ratelimit_policy_value(quotas)
+        headers[RATELIMIT] = ratelimit_value(quotas)
+    if retry_after is not None:
+        headers[RETRY_AFTER] = str(retry_after)

@@ -1,0 +1,207 @@
+"""The admission middleware: route -> identity -> admit -> handler -> commit or release.
+
+Theory of operation. A request whose route the policy does not name passes (or is denied when
+`settings.unmatched = "deny"`). Otherwise the caller is identified and the engine decides; a
+denial is answered here as problem+json. An admitted request gets a UsageHandle, the handler
+runs, and its outcome picks how the hold ends:
+
+    handler returned, status < 500, client still there   -> commit (reported amount or hold)
+    handler returned 5xx / raised (HTTPException >= 500)  -> release if route.release_on_error
+    ConnectionResetError / CancelledError / client gone   -> route.on_disconnect
+    handler called usage(request).release()               -> release
+
+Ending a hold runs in a task owned by the plugin (GatewayState.settling), never in the request
+task: a cancelled request (client gone with handler cancellation on, or shutdown) cannot lose
+or half-send a commit. Headers of admitted responses are added in on_response_prepare, so
+streaming responses get them before their first byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from admission.decision import Decision, Hold, Reason
+from gateway_plugin import headers as hdr
+from gateway_plugin.handle import USAGE_KEY, UsageHandle
+from gateway_plugin.problems import problem_response
+
+if TYPE_CHECKING:
+    from admission.policy import Route
+    from gateway_plugin.plugin import GatewayState
+
+log = logging.getLogger("gateway_plugin")
+
+_COMMIT = True
+_RELEASE = False
+# Retrying a commit/release while Redis is away: the hold TTL bounds how long it can matter.
+_SETTLE_BACKOFF_START_S = 0.05
+_SETTLE_BACKOFF_MAX_S = 2.0
+_UNAVAILABLE = "UNAVAILABLE"  # SettleOutcome.state when Redis did not answer
+
+
+def make_middleware(state: GatewayState) -> Middleware:
+    """The middleware bound to one setup() call's state.
+
+    The state is captured rather than looked up in request.config_dict on every request: the
+    lookup walks the app chain, and each setup() (app or sub-app) has exactly one state.
+    """
+    policy = state.policy
+    match = policy.match
+    unmatched_pass = policy.settings.unmatched == "pass"
+    metrics_path = state.config.metrics_path or None
+    metrics = state.metrics
+    observe = metrics.admission_duration.observe
+    perf = time.perf_counter
+
+    @web.middleware
+    async def creditgate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        route = match(request.method, path)
+        if route is None:
+            if unmatched_pass or path == metrics_path:
+                return await handler(request)
+            return _deny(
+                state,
+                Decision(
+                    admitted=False,
+                    reason=Reason.INVALID_REQUEST,
+                    detail=f"no admission route matches {request.method} {path}",
+                ),
+                path,
+            )
+
+        started = perf()
+        decision = await _decide(state, request, route)
+        observe(perf() - started)
+        metrics.decision(decision.admitted, decision.reason).inc()
+        project_decisions = metrics.project_decisions
+        if project_decisions.enabled and decision.project_id is not None:
+            project_decisions.record(decision.project_id, decision.admitted)
+        if not decision.admitted:
+            return _deny(state, decision, path)
+        if decision.would_deny is not None:
+            metrics.shadow_would_deny.labels(decision.would_deny.value).inc()
+        if decision.degraded:
+            metrics.degraded_admits.labels(route.name).inc()
+
+        handle = UsageHandle(decision)
+        request[USAGE_KEY] = handle
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 500:
+                _end(state, handle, not route.release_on_error)
+            else:
+                _end(state, handle, _COMMIT)
+            raise
+        except (ConnectionResetError, asyncio.CancelledError):
+            _end(state, handle, route.on_disconnect == "commit")
+            raise
+        except BaseException:
+            _end(state, handle, not route.release_on_error)
+            raise
+        if response.status >= 500:
+            _end(state, handle, not route.release_on_error)
+        elif request.transport is None and not response.prepared:
+            # The client left while the handler ran: nothing of the response can reach it.
+            _end(state, handle, route.on_disconnect == "commit")
+        else:
+            _end(state, handle, _COMMIT)
+        return response
+
+    return creditgate_middleware
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Adds the RateLimit / warning headers to an admitted request's response (signal)."""
+    handle = request.get(USAGE_KEY)
+    if handle is not None:
+        hdr.apply_admitted(response.headers, handle.decision)
+
+
+async def _decide(state: GatewayState, request: web.Request, route: Route) -> Decision:
+    # The engine never raises for Redis or authority failures: it applies the route's
+    # on_redis_down policy itself and answers UNAVAILABLE when it cannot decide.
+    identity = state.identity
+    engine = state.engine
+    if identity is None or engine is None:
+        return Decision(
+            admitted=False, reason=Reason.UNAVAILABLE, detail="the gateway is not started"
+        )
+    who = await identity.identify(request.headers, request.remote)
+    if isinstance(who, Reason):
+        return Decision(admitted=False, reason=who)
+    return await engine.admit(engine.request_for(route, who.project_id))
+
+
+def _deny(state: GatewayState, decision: Decision, path: str) -> web.Response:
+    return problem_response(
+        decision,
+        path,
+        type_base=state.config.problem_type_base,
+        default_retry_after=state.retry_after_defaults.get(decision.reason, 1),
+    )
+
+
+def _end(state: GatewayState, handle: UsageHandle, commit: bool) -> None:
+    """Starts ending the hold in a plugin-owned task; safe to call from a cancelled task."""
+    handle.close()
+    hold = handle.decision.hold
+    if hold is None:
+        return
+    if handle.released:
+        commit = _RELEASE
+    amount = handle.commit_amount() if commit else 0
+    task = asyncio.get_running_loop().create_task(_settle(state, hold, commit, amount))
+    state.settling.add(task)
+    task.add_done_callback(state.settling.discard)
+
+
+async def _settle(state: GatewayState, hold: Hold, commit: bool, amount: int) -> None:
+    engine = state.engine
+    metrics = state.metrics
+    if engine is None:
+        return
+    backoff = _SETTLE_BACKOFF_START_S
+    deadline = time.monotonic() + state.settle_retry_seconds
+    try:
+        while True:
+            if commit:
+                outcome = await engine.commit(hold, amount)
+            else:
+                outcome = await engine.release(hold)
+            if outcome.state != _UNAVAILABLE:
+                break
+            if time.monotonic() + backoff > deadline or state.closing:
+                break
+            # Redis away: the hold is still ACTIVE there, so trying again is safe (a hold ends
+            # once); if Redis stays away the sweeper expires the hold without a charge.
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _SETTLE_BACKOFF_MAX_S)
+    except Exception:
+        (metrics.commit_failed if commit else metrics.release_failed).inc()
+        log.exception("ending hold %s of %s failed", hold.hold_id, hold.project_id)
+        return
+    if outcome.ok:
+        if commit:
+            metrics.commit_ok.inc()
+            if outcome.amount:
+                metrics.credits(hold.meter).inc(outcome.amount)
+        else:
+            metrics.release_ok.inc()
+        return
+    (metrics.commit_failed if commit else metrics.release_failed).inc()
+    log.warning(
+        "hold %s of %s not %s: %s %s",
+        hold.hold_id,
+        hold.project_id,
+        "committed" if commit else "released",
+        outcome.state,
+        outcome.detail,
+    )

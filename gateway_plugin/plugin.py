@@ -1,0 +1,291 @@
+"""setup(app, config): installs the admission middleware and the plugin's lifecycle on an app.
+
+Clients and background tasks are created inside the running loop (cleanup_ctx) and closed in
+reverse order: in-flight settlements first, then sweeper, flusher (drained), watch, engine,
+identity, cache filler, authority client, Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from admission.decision import Reason
+from admission.policy import Policy, load_policy
+from gateway_plugin.config import GatewayConfig
+from gateway_plugin.metrics import GatewayMetrics, metrics_handler
+from gateway_plugin.middleware import make_middleware, on_response_prepare
+
+if TYPE_CHECKING:
+    from admission.authority import AuthorityClient
+    from admission.cache import CacheFiller, WatchSubscriber
+    from admission.engine import AdmissionEngine
+    from admission.flusher import Flusher
+    from admission.identity import IdentityResolver
+
+log = logging.getLogger("gateway_plugin")
+
+
+@dataclass(eq=False)
+class GatewayState:
+    """Everything one setup() owns. Built by setup(); the live parts are filled at startup.
+
+    Reachable as `app[GATEWAY_KEY]` (or `request.config_dict[GATEWAY_KEY]` from sub-apps).
+    """
+
+    config: GatewayConfig
+    policy: Policy
+    metrics: GatewayMetrics
+    retry_after_defaults: dict[Reason, int]
+    redis: Any = None
+    authority: AuthorityClient | None = None
+    filler: CacheFiller | None = None
+    identity: IdentityResolver | None = None
+    engine: AdmissionEngine | None = None
+    watch: WatchSubscriber | None = None
+    flusher: Flusher | None = None
+    # Tasks ending holds (commit/release); awaited on shutdown before the flusher drains.
+    settling: set[asyncio.Task[None]] = field(default_factory=set)
+    background: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    settle_retry_seconds: float = 30.0
+    closing: bool = False
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def wait_settled(self, within_s: float | None = None) -> None:
+        """Waits (at most within_s) until every commit/release started so far is done."""
+        pending = set(self.settling)
+        if pending:
+            await asyncio.wait(pending, timeout=within_s)
+
+
+GATEWAY_KEY = web.AppKey("creditgate_gateway", GatewayState)
+
+
+def setup(app: web.Application, config: GatewayConfig) -> GatewayState:
+    """Protects the routes of `app` (and its sub-apps) with creditgate admission.
+
+    Call before the app starts. On a sub-app, only that sub-app's routes are protected.
+    Returns the state (also at app[GATEWAY_KEY]); its live parts exist once the app started.
+    """
+    if app.frozen:
+        raise RuntimeError(
+            "gateway_plugin.setup() must be called before the application starts "
+            "(aiohttp freezes middlewares and cleanup contexts at startup)"
+        )
+    if GATEWAY_KEY in app:
+        raise RuntimeError("gateway_plugin.setup() was already called on this application")
+    policy = _policy(config)
+    metrics = GatewayMetrics.for_registry(
+        config.registry, config.metrics_projects, config.metrics_top_projects
+    )
+    s = policy.settings
+    state = GatewayState(
+        config=config,
+        policy=policy,
+        metrics=metrics,
+        retry_after_defaults={
+            Reason.RATE_LIMITED: 1,
+            Reason.CONCURRENCY_LIMITED: 1,
+            Reason.INSUFFICIENT_CREDITS: s.credit_retry_after_seconds,
+            Reason.WALLET_GRACE: s.credit_retry_after_seconds,
+            Reason.SETTLEMENT_BACKLOG: s.backlog_retry_after_seconds,
+            Reason.UNAVAILABLE: s.unavailable_retry_after_seconds,
+        },
+        settle_retry_seconds=min(30.0, s.hold_ttl_seconds / 2),
+    )
+    app[GATEWAY_KEY] = state
+    app.middlewares.append(make_middleware(state))
+    app.on_response_prepare.append(on_response_prepare)
+    app.cleanup_ctx.append(_lifecycle(state))
+    if config.metrics_path:
+        app.router.add_get(config.metrics_path, metrics_handler(config.registry))
+    return state
+
+
+def _policy(config: GatewayConfig) -> Policy:
+    if config.policy is None:
+        raise ValueError("GatewayConfig.policy is required (a Policy or the path of a policy file)")
+    if isinstance(config.policy, Policy):
+        return config.policy
+    return load_policy(Path(config.policy))
+
+
+def _lifecycle(
+    state: GatewayState,
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def creditgate_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            await _start(state, stack)
+            state.started.set()
+            try:
+                yield
+            finally:
+                state.closing = True
+
+    return creditgate_lifecycle
+
+
+async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
+    """Starts every part in order; the exit stack unwinds them in reverse."""
+    from admission.authority import AuthorityClient, AuthorityClientConfig
+    from admission.cache import CacheFiller, Reconciler, WatchSubscriber
+    from admission.engine import AdmissionEngine
+    from admission.flusher import Flusher
+    from admission.identity import IdentityConfig, IdentityResolver
+    from admission.redis_client import RedisSettings, build_client
+
+    config = state.config
+    settings = state.policy.settings
+    registry = config.registry
+
+    redis = build_client(RedisSettings(url=config.redis_url, cluster=config.redis_cluster))
+    stack.push_async_callback(_close_redis, redis)
+    state.redis = redis
+
+    authority = AuthorityClient(
+        AuthorityClientConfig(target=config.authority_target, token=config.authority_token)
+    )
+    await authority.start()
+    stack.push_async_callback(authority.aclose)
+    state.authority = authority
+
+    filler = CacheFiller(
+        redis,
+        authority,
+        unsettled_limit=settings.unsettled_limit,
+        shards=settings.shards,
+        registry=registry,
+    )
+    stack.push_async_callback(filler.aclose)
+    state.filler = filler
+
+    identity = IdentityResolver(
+        redis,
+        authority,
+        IdentityConfig(trusted_proxies=config.trusted_proxies),
+        registry=registry,
+    )
+    state.identity = identity
+
+    engine = AdmissionEngine(redis, state.policy, filler, gateway_id=config.gateway_id)
+    stack.push_async_callback(engine.drain)
+    state.engine = engine
+
+    if config.run_watch:
+        watch = WatchSubscriber(filler, key_caches=(identity,), registry=registry)
+        await watch.start()
+        stack.push_async_callback(watch.aclose)
+        state.watch = watch
+        if config.reconcile_interval_seconds > 0:
+            reconciler = Reconciler(
+                filler, interval_s=config.reconcile_interval_seconds, registry=registry
+            )
+            _spawn(state, stack, "reconcile", reconciler.run)
+
+    if config.run_flusher:
+        from admission.flusher import Flusher
+
+        flusher = Flusher(
+            redis,
+            authority,
+            shards=settings.shards,
+            gateway_id=config.gateway_id,
+            sweeper=engine if config.run_sweeper else None,
+            sweep_interval_ms=max(1, int(config.sweep_interval_seconds * 1000)),
+            registry=registry,
+        )
+        state.flusher = flusher
+        task = _spawn(state, stack, "flusher", flusher.run, stop=False)
+        stack.push_async_callback(
+            _drain_flusher, flusher, task, config.flusher_drain_timeout_seconds
+        )
+    elif config.run_sweeper:
+        # No flusher here to host the sweep: run it on its own.
+        _spawn(state, stack, "sweeper", lambda: _sweep(state))
+
+    # Last in, first out: holds still ending reach Redis before the flusher drains.
+    stack.push_async_callback(_drain_settlements, state)
+
+
+async def _close_redis(redis: Any) -> None:
+    import redis.asyncio as aioredis
+
+    if isinstance(redis, aioredis.Redis):
+        # build_client hands the client its own pool, which aclose() leaves open by default.
+        await redis.aclose(close_connection_pool=True)
+    else:
+        await redis.aclose()
+
+
+def _spawn(
+    state: GatewayState,
+    stack: contextlib.AsyncExitStack,
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    *,
+    stop: bool = True,
+) -> asyncio.Task[None]:
+    async def guarded() -> None:
+        try:
+            await run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("creditgate background task %s failed", name)
+            raise
+
+    task = asyncio.get_running_loop().create_task(guarded(), name=f"creditgate-{name}")
+    state.background[name] = task
+    if stop:
+        stack.push_async_callback(_cancel, task)
+    return task
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def _drain_flusher(flusher: Flusher, task: asyncio.Task[None], within_s: float) -> None:
+    # The loop stops first: a batch it had in flight is re-read from the pending list by the
+    # drain (the authority deduplicates by event id), never settled by two readers at once.
+    await _cancel(task)
+    try:
+        await flusher.drain(within_s)
+    except Exception:
+        log.exception("creditgate flusher drain failed; the outbox keeps the rest")
+
+
+async def _sweep(state: GatewayState) -> None:
+    interval = state.config.sweep_interval_seconds
+    while True:
+        engine = state.engine
+        if engine is not None:
+            try:
+                await engine.sweep_expired()
+            except Exception as exc:
+                # Redis away: the next round retries; expiry is not time critical.
+                log.warning("creditgate hold sweep failed: %s", exc)
+        await asyncio.sleep(interval)
+
+
+async def _drain_settlements(state: GatewayState) -> None:
+    timeout = state.config.settle_drain_timeout_seconds
+    pending = set(state.settling)
+    if not pending:
+        return
+    _done, late = await asyncio.wait(pending, timeout=timeout)
+    for task in late:
+        task.cancel()
+    if late:
+        log.warning("creditgate: %d commits/releases did not finish before shutdown", len(late))
+        await asyncio.wait(late)

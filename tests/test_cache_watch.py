@@ -1,0 +1,373 @@
+"""Cache fill, the Watch push stream and reconcile, against a real Redis and a real authority."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import cast
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from admission import keys
+from admission.authority import AuthorityClient, AuthorityClientConfig
+from admission.cache import CacheFiller, Reconciler, WatchSubscriber
+from admission.errors import AuthorityUnavailable
+from admission.flusher import Flusher
+from creditservice.clock import ManualClock
+from creditservice.server import AuthorityServer
+from creditservice.v1 import credit_pb2 as pb
+from creditservice.v1 import credit_pb2_grpc as pb_grpc
+from tests.fixtures_authority import admin_md, authority_config, make_wallet, new_project_id
+from tests.services import RedisProcess, free_port
+from tests.test_flusher import SHARDS, TEST_DB, authority_client_for, wallet_hash
+
+UNSL = 5000
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 1.0) -> None:
+    """Poll `check` until it holds; fails if it does not within `within_s` (invariant 6: 1 s)."""
+    async with asyncio.timeout(within_s):
+        while not await check():
+            await asyncio.sleep(0.005)  # polling a condition with a deadline
+
+
+@pytest.fixture
+async def rclient(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(port=redis_proc.port, db=TEST_DB, socket_timeout=5)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def auth_client(authority: AuthorityServer) -> AsyncIterator[AuthorityClient]:
+    async with authority_client_for(authority) as client:
+        yield client
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def filler(
+    rclient: aioredis.Redis, auth_client: AuthorityClient, registry: CollectorRegistry
+) -> CacheFiller:
+    return CacheFiller(
+        rclient, auth_client, unsettled_limit=UNSL, shards=SHARDS, registry=registry
+    )
+
+
+@contextlib.asynccontextmanager
+async def watching(
+    filler: CacheFiller, registry: CollectorRegistry, start_cursor: int
+) -> AsyncIterator[WatchSubscriber]:
+    sub = WatchSubscriber(
+        filler, start_cursor=start_cursor, resync_on_start=False, registry=registry
+    )
+    await sub.start()
+    try:
+        yield sub
+    finally:
+        await sub.aclose()
+        await filler.aclose()
+
+
+def qdefs_key(pid: str) -> str:
+    return keys.quota_defs(keys.shard_of(pid, SHARDS), pid)
+
+
+async def set_quota(
+    stub: pb_grpc.CreditServiceAsyncStub, token: str, pid: str, name: str, limit: int
+) -> None:
+    await stub.SetQuota(
+        pb.SetQuotaRequest(
+            request_id=f"q-{pid}-{name}-{limit}",
+            quota=pb.Quota(
+                project_id=pid, name=name, algorithm=pb.GCRA, limit=limit, window_seconds=60
+            ),
+        ),
+        metadata=admin_md(token),
+        timeout=10,
+    )
+
+
+async def test_fill_writes_snapshot_and_quotas_unknown_is_false(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    filler: CacheFiller,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    wallet = await make_wallet(authority_stub, token, pid, balance=700, overdraft_limit=30)
+    await set_quota(authority_stub, token, pid, "requests", 100)
+    await authority_stub.SetQuota(
+        pb.SetQuotaRequest(
+            request_id=f"qc-{pid}",
+            quota=pb.Quota(project_id=pid, name="parallel", algorithm=pb.CONCURRENCY, limit=4),
+        ),
+        metadata=admin_md(token),
+        timeout=10,
+    )
+    assert await filler.fill(pid) is True
+    got = await wallet_hash(rclient, pid)
+    assert got[keys.W_SNAPSHOT] == 700 and got[keys.W_OVERDRAFT] == 30
+    assert got[keys.W_VERSION] >= wallet.version and got[keys.W_STATE] == pb.HEALTHY
+    assert got[keys.W_HELD] == 0 and got[keys.W_UNSETTLED] == 0
+    assert got[keys.W_UNSETTLED_LIMIT] == UNSL
+    quotas = await rclient.hgetall(qdefs_key(pid))  # type: ignore[misc]
+    assert quotas == {b"requests": b"rate:100:60", b"parallel": b"concurrency:4:0"}
+
+    # A refill never touches this tier's counters.
+    wkey = keys.wallet(keys.shard_of(pid, SHARDS), pid)
+    await rclient.hset(wkey, mapping={keys.W_HELD: 17, keys.W_UNSETTLED: 23})  # type: ignore[misc]
+    assert await filler.refresh(pid) is True
+    got = await wallet_hash(rclient, pid)
+    assert got[keys.W_HELD] == 17 and got[keys.W_UNSETTLED] == 23
+
+    assert await filler.fill(new_project_id("nobody")) is False
+
+
+async def test_concurrent_fills_share_one_authority_call(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+) -> None:
+    pid = new_project_id()
+    await make_wallet(authority_stub, authority.config.admin_token, pid, balance=50)
+    before = auth_client.calls["GetAdmissionSnapshot"]
+    results = await asyncio.gather(*(filler.fill(pid) for _ in range(25)))
+    assert results == [True] * 25
+    assert auth_client.calls["GetAdmissionSnapshot"] - before == 1
+    assert registry.get_sample_value("creditgate_cache_fills_total", {"result": "filled"}) == 1
+    assert registry.get_sample_value("creditgate_cache_fills_total", {"result": "shared"}) == 24
+
+
+async def test_fill_with_authority_down_raises_unavailable(
+    rclient: aioredis.Redis, registry: CollectorRegistry
+) -> None:
+    cfg = AuthorityClientConfig(target=f"127.0.0.1:{free_port()}", token="x", timeout_s=0.5)
+    async with AuthorityClient(cfg) as client:
+        filler = CacheFiller(
+            rclient, client, unsettled_limit=UNSL, shards=SHARDS, registry=registry
+        )
+        with pytest.raises(AuthorityUnavailable) as info:
+            await filler.fill(new_project_id())
+        assert isinstance(info.value.__cause__, grpc.aio.AioRpcError)
+
+
+async def test_watch_applies_topup_quota_and_lifecycle_within_1s(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    md = admin_md(token)
+    clock = cast(ManualClock, authority.clock)
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100, grace_period_seconds=60)
+    snapshot = await auth_client.get_snapshot(pid)
+    assert snapshot is not None
+    assert await filler.fill(pid)
+
+    async def wallet_is(**want: int) -> bool:
+        got = await wallet_hash(rclient, pid)
+        return all(got.get(k) == v for k, v in want.items())
+
+    async with watching(filler, registry, snapshot.cursor):
+        await authority_stub.TopUp(
+            pb.TopUpRequest(request_id=f"t1-{pid}", project_id=pid, amount=400),
+            metadata=md,
+            timeout=10,
+        )
+        await eventually(lambda: wallet_is(snap=500))
+
+        await set_quota(authority_stub, token, pid, "requests", 42)
+        await eventually(
+            lambda: _equals(rclient.hget(qdefs_key(pid), "requests"), b"rate:42:60")
+        )
+        await authority_stub.DeleteQuota(
+            pb.DeleteQuotaRequest(request_id=f"qd-{pid}", project_id=pid, name="requests"),
+            metadata=md,
+            timeout=10,
+        )
+        await eventually(lambda: _equals(rclient.hget(qdefs_key(pid), "requests"), None))
+
+        # Spend everything: GRACE; past the grace deadline the job expires it: EXPIRED.
+        await authority_stub.Adjust(
+            pb.AdjustRequest(
+                request_id=f"adj-{pid}",
+                project_id=pid,
+                kind=pb.ADJUSTMENT,
+                amount=-500,
+                reason="test: drain the wallet",
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        await eventually(lambda: wallet_is(snap=0, state=pb.GRACE))
+        assert (await wallet_hash(rclient, pid))[keys.W_GRACE_UNTIL] > 0
+        clock.advance(seconds=61)
+        await authority.run_jobs_once()
+        await eventually(lambda: wallet_is(state=pb.EXPIRED))
+
+        await authority_stub.TopUp(
+            pb.TopUpRequest(request_id=f"t2-{pid}", project_id=pid, amount=10),
+            metadata=md,
+            timeout=10,
+        )
+        await eventually(lambda: wallet_is(snap=10, gu=0, state=pb.HEALTHY))
+    assert registry.get_sample_value("creditgate_watch_events_total", {"kind": "lifecycle"})
+
+
+async def _equals(value: Awaitable[object], want: object) -> bool:
+    return await value == want
+
+
+async def test_older_versions_never_overwrite_newer(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100)
+    old = await auth_client.get_snapshot(pid)
+    assert old is not None
+    await authority_stub.TopUp(
+        pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=1),
+        metadata=admin_md(token),
+        timeout=10,
+    )
+    assert await filler.fill(pid)
+    newer = await wallet_hash(rclient, pid)
+    assert newer[keys.W_SNAPSHOT] == 101
+
+    # Watch path, fill path and the flusher's ack path all refuse the older snapshot.
+    assert await filler.store.apply_wallet(old.wallet) == (True, False)
+    assert await filler.store.fill(old, UNSL) is False
+    flusher = Flusher(rclient, auth_client, shards=SHARDS, gateway_id="vers", registry=registry)
+    shard = keys.shard_of(pid, SHARDS)
+    assert await flusher._ack_shard(shard, [], [], [old.wallet]) == (0, 0, 0, 0)
+    assert await wallet_hash(rclient, pid) == newer
+
+    # A wallet event for a project nobody cached creates nothing.
+    ghost = pb.Wallet(project_id=new_project_id("ghost"), available=5, version=9)
+    assert await filler.store.apply_wallet(ghost) == (False, False)
+    assert await wallet_hash(rclient, ghost.project_id) == {}
+
+
+async def test_events_during_a_fill_are_replayed_after_it(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100)
+    await set_quota(authority_stub, token, pid, "requests", 5)
+    stale = await auth_client.get_snapshot(pid)
+    assert stale is not None
+    # A quota change the stream delivers while a fill (of an older snapshot) is in flight.
+    later = pb.WatchEvent(
+        cursor=stale.cursor + 1,
+        project_id=pid,
+        quota=pb.QuotaChange(
+            quota=pb.Quota(
+                project_id=pid, name="requests", algorithm=pb.GCRA, limit=9, window_seconds=60
+            )
+        ),
+    )
+    filler._buffers[pid] = []
+    await filler.on_event(later)  # buffered, not applied to a project being filled
+    assert await rclient.exists(qdefs_key(pid)) == 0
+    await filler.store.fill(stale, UNSL)
+    await filler._replay(pid, stale.cursor)
+    assert await rclient.hget(qdefs_key(pid), "requests") == b"rate:9:60"  # type: ignore[misc]
+    assert pid not in filler._buffers
+
+
+async def test_watch_reconnects_after_authority_restart(
+    tmp_path: Path, rclient: aioredis.Redis, registry: CollectorRegistry
+) -> None:
+    cfg = authority_config(f"sqlite:///{tmp_path / 'restart.db'}")
+    cfg = dataclasses.replace(cfg, grpc_listen=f"127.0.0.1:{free_port()}", http_listen="")
+    pid = new_project_id()
+    srv = AuthorityServer(cfg)
+    await srv.start()
+    restarted: AuthorityServer | None = None
+    try:
+        async with authority_client_for(srv) as client:
+            await make_wallet(client.stub, cfg.admin_token, pid, balance=10)
+            filler = CacheFiller(
+                rclient, client, unsettled_limit=UNSL, shards=SHARDS, registry=registry
+            )
+            snapshot = await client.get_snapshot(pid)
+            assert snapshot is not None and await filler.fill(pid)
+            async with watching(filler, registry, snapshot.cursor) as sub:
+                await srv.stop()
+                await eventually(lambda: _false(sub.connected.is_set()), within_s=5)
+                restarted = AuthorityServer(dataclasses.replace(cfg))
+                await restarted.start()
+                await client.stub.TopUp(
+                    pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=5),
+                    metadata=admin_md(cfg.admin_token),
+                    timeout=10,
+                    wait_for_ready=True,
+                )
+                # Reconnect backoff is capped at 1 s; the change then arrives from the cursor.
+                await eventually(
+                    lambda: _snap_is(rclient, pid, 15), within_s=3.0
+                )
+                assert sub.resyncs == 0
+            assert (registry.get_sample_value("creditgate_watch_reconnects_total") or 0) >= 1
+    finally:
+        if restarted is not None:
+            await restarted.stop()
+        with contextlib.suppress(Exception):
+            await srv.stop()
+
+
+async def _false(value: bool) -> bool:
+    return not value
+
+
+async def _snap_is(rclient: aioredis.Redis, pid: str, snap: int) -> bool:
+    return (await wallet_hash(rclient, pid)).get(keys.W_SNAPSHOT) == snap
+
+
+async def test_reconcile_reports_and_repairs_drift(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+) -> None:
+    pid = new_project_id()
+    await make_wallet(authority_stub, authority.config.admin_token, pid, balance=300)
+    assert await filler.fill(pid)
+    wkey = keys.wallet(keys.shard_of(pid, SHARDS), pid)
+    await rclient.hset(wkey, keys.W_SNAPSHOT, 999_999)  # type: ignore[misc]
+    reconciler = Reconciler(filler, registry=registry)
+    drifted = await reconciler.run_once()
+    assert pid in drifted
+    assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 300
+    assert registry.get_sample_value("creditgate_cache_drift_total") >= 1
+    assert pid not in await reconciler.run_once()

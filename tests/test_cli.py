@@ -1,0 +1,410 @@
+"""The authority CLI in-process (`creditgate ...` through gateway_plugin.cli.main) against a
+running authority: every command, the wording of wallet states, bad input and unreachable
+authorities as one line with the documented exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from creditservice import render
+from creditservice.clock import ManualClock
+from creditservice.server import AuthorityServer
+from creditservice.v1 import credit_pb2 as pb
+from gateway_plugin.cli import main
+from tests.fixtures_authority import admin_md, authority_config, new_project_id
+
+Result = tuple[int, str, str]
+Cli = Callable[..., Awaitable[Result]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
+    """Runs the CLI in a worker thread (it runs its own event loop, the authority runs in ours)."""
+    capsys.readouterr()
+    try:
+        code = await asyncio.to_thread(main, list(argv))
+    except SystemExit as exc:  # argparse usage errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+@pytest.fixture
+def cli(authority: AuthorityServer, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """`await cli("wallet", "show", "p")` with this authority's address and admin token."""
+
+    async def call(*argv: str, token: str | None = None) -> Result:
+        chosen = authority.config.admin_token if token is None else token
+        return await run(capsys, *argv, "--authority", authority.grpc_target, "--token", chosen)
+
+    return call
+
+
+async def ok(cli: Cli, *argv: str) -> str:
+    code, out, err = await cli(*argv)
+    assert code == 0, (argv, code, out, err)
+    return out
+
+
+def one_line_error(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- wallets
+
+
+async def test_wallet_commands(cli: Cli, authority: AuthorityServer, authority_stub: Any) -> None:
+    pid = new_project_id("cli")
+    out = await ok(
+        cli,
+        "wallet",
+        "create",
+        pid,
+        "--org",
+        "org-cli",
+        "--low-threshold",
+        "100",
+        "--grace-days",
+        "3",
+        "--overdraft",
+        "0",
+    )
+    assert pid in out and "grace period 3d" in out
+    out = await ok(cli, "wallet", "topup", pid, "500", "--reference", "pay-1")
+    assert "topped up 500" in out and "HEALTHY" in out
+    out = await ok(cli, "wallet", "adjust", pid, "--kind", "sla-credit", "25", "--reason", "outage")
+    assert "sla-credit +25" in out
+    out = await ok(
+        cli, "wallet", "adjust", pid, "--kind", "adjustment", "-5", "--reason", "typo in invoice"
+    )
+    assert "adjustment -5" in out
+
+    out = await ok(cli, "wallet", "show", pid)
+    assert "balance    520" in out
+    assert "HEALTHY: requests are admitted" in out
+
+    out = await ok(cli, "wallet", "transactions", pid, "--limit", "2")
+    rows = out.strip().splitlines()
+    assert rows[0].split()[:4] == ["SEQ", "TIME", "KIND", "AMOUNT"]
+    assert [r.split()[2] for r in rows[1:]] == ["ADJUSTMENT", "SLA_CREDIT"]
+
+    out = await ok(cli, "wallet", "list", "--org", "org-cli")
+    assert pid in out and "HEALTHY" in out
+
+    md = admin_md(authority.config.admin_token)
+    for meter, amount in (("requests", 30), ("machine_hours", 90)):
+        await authority_stub.RecordUsage(
+            pb.RecordUsageRequest(
+                request_id=f"{meter}-{pid}",
+                project_id=pid,
+                meter=meter,
+                amount=amount,
+                quantity=amount // 10,
+            ),
+            metadata=md,
+            timeout=10,
+        )
+    out = await ok(cli, "wallet", "explain", pid, "--since", "2000-01-01T00:00Z")
+    lines = {line.split()[0]: line.split() for line in out.strip().splitlines()[2:]}
+    assert lines["machine_hours"][1:3] == ["90", "75.0%"]
+    assert lines["requests"][1:3] == ["30", "25.0%"]
+    assert lines["total"][1:3] == ["120", "100.0%"]
+
+    out = await ok(cli, "wallet", "show", pid, "--json")
+    assert json.loads(out)["wallet"]["balance"] == "400"
+
+
+async def test_request_id_makes_a_retry_harmless(cli: Cli) -> None:
+    pid = new_project_id("cli")
+    await ok(cli, "wallet", "create", pid, "--org", "org-cli")
+    for _ in range(2):
+        await ok(cli, "wallet", "topup", pid, "70", "--request-id", f"pay-{pid}")
+    out = await ok(cli, "wallet", "show", pid, "--json")
+    assert json.loads(out)["wallet"]["balance"] == "70"
+    code, _, err = await cli("wallet", "topup", pid, "71", "--request-id", f"pay-{pid}")
+    assert code == 1
+    assert one_line_error(err).startswith("error: FAILED_PRECONDITION: ")
+
+
+async def test_wallet_show_says_what_each_state_means(cli: Cli, authority: AuthorityServer) -> None:
+    clock = authority.clock
+    assert isinstance(clock, ManualClock)
+    healthy, low, grace = (new_project_id(s) for s in ("healthy", "low", "grace"))
+    for pid, amount in ((healthy, 1000), (low, 40)):
+        await ok(cli, "wallet", "create", pid, "--org", "org-s", "--low-threshold", "100")
+        await ok(cli, "wallet", "topup", pid, str(amount))
+    await ok(cli, "wallet", "create", grace, "--org", "org-s", "--grace-seconds", "3600")
+
+    out = await ok(cli, "wallet", "show", healthy)
+    assert "state      HEALTHY: requests are admitted" in out
+    out = await ok(cli, "wallet", "show", low)
+    assert (
+        "LOW: requests are admitted with a low-balance warning (balance 40 < threshold 100)"
+    ) in out
+
+    out = await ok(cli, "wallet", "show", grace, "--json")
+    until = int(json.loads(out)["wallet"]["grace_until_ms"])
+    assert until == clock.now_ms() + 3600 * 1000
+    out = await ok(cli, "wallet", "show", grace)
+    assert (
+        "GRACE: paid requests are refused with 402 until a top-up; free routes are still "
+        f"admitted; expires {render.iso(until)}; nothing is deleted"
+    ) in out
+
+    clock.advance(seconds=3601)
+    await authority.run_jobs_once()
+    out = await ok(cli, "wallet", "show", grace)
+    assert (
+        f"EXPIRED since {render.iso(until)}: every request of the project is refused with 403 "
+        "until a top-up; nothing is deleted"
+    ) in out
+    out = await ok(cli, "wallet", "topup", grace, "10")
+    assert "HEALTHY" in out
+
+
+def test_state_wording_is_pure() -> None:
+    until = 1_796_119_200_000  # 2026-12-01T10:00:00Z
+    assert render.iso(until) == "2026-12-01T10:00:00Z"
+    assert render.state_meaning(3, 0, 0, until).startswith(
+        "GRACE: paid requests are refused with 402 until a top-up"
+    )
+    assert "expires 2026-12-01T10:00:00Z" in render.state_meaning(3, 0, 0, until)
+    assert render.state_meaning(4, -5, 0, until).startswith("EXPIRED since 2026-12-01T10:00:00Z")
+    assert render.share(1, 3) == "33.3%" and render.share(2, 3) == "66.7%"
+    assert render.duration(7 * 86400) == "7d" and render.duration(90) == "90s"
+
+
+# ---------------------------------------------------------------- quotas and keys
+
+
+async def test_quota_commands(cli: Cli) -> None:
+    pid = new_project_id("cli")
+    await ok(cli, "wallet", "create", pid, "--org", "org-cli")
+    out = await ok(cli, "quota", "set", pid, "requests", "--limit", "100", "--per-seconds", "60")
+    assert "requests: 100 per 1m (rate, GCRA)" in out
+    out = await ok(cli, "quota", "set", pid, "inflight", "--limit", "4", "--concurrency")
+    assert "inflight: at most 4 in flight (concurrency)" in out
+    out = await ok(cli, "quota", "get", pid, "requests")
+    assert out.strip() == "requests: 100 per 1m (rate, GCRA)"
+    out = await ok(cli, "quota", "list", pid)
+    assert sorted(out.strip().splitlines()) == [
+        "inflight: at most 4 in flight (concurrency)",
+        "requests: 100 per 1m (rate, GCRA)",
+    ]
+    out = await ok(cli, "quota", "delete", pid, "requests")
+    assert out.startswith("deleted requests")
+    code, _, err = await cli("quota", "get", pid, "requests")
+    assert code == 1 and one_line_error(err).startswith("error: NOT_FOUND: ")
+    code, _, err = await cli("quota", "set", pid, "x", "--limit", "1.5", "--concurrency")
+    assert code == 2 and "--limit" in one_line_error(err)
+
+
+async def test_key_commands(cli: Cli, authority: AuthorityServer) -> None:
+    pid = new_project_id("cli")
+    await ok(cli, "wallet", "create", pid, "--org", "org-cli")
+    code, out, err = await cli("key", "issue", pid, "--name", "ci")
+    assert code == 0
+    secret = out.split("secret: ")[1].split()[0]
+    assert secret.startswith("cg_") and len(secret) == 46
+    assert "not shown again" in err
+    key_id = out.split()[0]
+    assert key_id.startswith("key_")
+    # the key reads its own wallet through the CLI too
+    code, out, _ = await cli("wallet", "show", pid, token=secret)
+    assert code == 0 and pid in out
+    out = await ok(cli, "key", "revoke", key_id)
+    assert out.startswith(f"revoked {key_id}") and "revoked 20" in out
+    code, _, err = await cli("wallet", "show", pid, token=secret)
+    assert code == 1 and one_line_error(err).startswith("error: UNAUTHENTICATED: ")
+
+
+# ---------------------------------------------------------------- export / import / verify
+
+
+async def test_export_import_and_verify(
+    cli: Cli, authority: AuthorityServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pid = new_project_id("cli")
+    await ok(cli, "wallet", "create", pid, "--org", "org-cli", "--low-threshold", "10")
+    await ok(cli, "wallet", "topup", pid, "77")
+    await ok(cli, "quota", "set", pid, "rpm", "--limit", "60", "--per-seconds", "60")
+    dump = tmp_path / "export.ndjson"
+    code, _, err = await cli("export", "--out", str(dump))
+    assert code == 0 and "exported" in err
+    records = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert "header" in records[0] and "trailer" in records[-1]
+    code, out, _ = await cli("export")
+    # the same stream to stdout; the header carries the export time, so the digest differs
+    assert [json.loads(line) for line in out.splitlines()][1:-1] == records[1:-1]
+
+    async with AuthorityServer(authority_config(f"sqlite:///{tmp_path / 'b.db'}")) as fresh:
+        target = ("--authority", fresh.grpc_target, "--token", fresh.config.admin_token)
+        code, out, err = await run(capsys, "import", "--in", str(dump), *target)
+        assert code == 0, err
+        assert f"digest {records[-1]['trailer']['digest']}" in out
+        code, out, _ = await run(capsys, "wallet", "show", pid, "--json", *target)
+        assert json.loads(out)["wallet"]["balance"] == "77"
+        # importing again into a non-empty authority is refused, in one line
+        code, _, err = await run(capsys, "import", "--in", str(dump), *target)
+        assert code == 1 and one_line_error(err)
+
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text('{"header": {"format_version": 1}}\n{"entry": {"amount": 2.5}}\n')
+    code, _, err = await cli("import", "--in", str(bad))
+    assert code == 2 and "line 2: entry.amount" in one_line_error(err)
+
+    code, out, err = await run(
+        capsys, "authority", "verify", "--database", authority.config.database
+    )
+    assert code == 0, err
+    assert out.strip().startswith("ok: ") and "balances match the ledger" in out
+
+    # a balance that no longer matches its ledger is reported, exit 1
+    db_path = authority.config.database.removeprefix("sqlite:///")
+
+    def tamper() -> None:
+        with sqlite3.connect(db_path) as db:
+            db.execute("UPDATE wallets SET balance = balance + 1 WHERE project_id = ?", (pid,))
+
+    await asyncio.to_thread(tamper)
+    code, out, err = await run(
+        capsys, "authority", "verify", "--database", authority.config.database
+    )
+    assert code == 1, (out, err)
+    assert "difference: " in out and pid in out
+
+
+# ---------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("amount", ["1.5", "-3", "1e3", "abc", "0", "1000000000000001"])
+async def test_bad_amounts_exit_2_before_any_call(
+    capsys: pytest.CaptureFixture[str], amount: str
+) -> None:
+    # nothing listens there: a call would exit 3, so exit 2 proves no call was made
+    nowhere = f"127.0.0.1:{free_port()}"
+    code, out, err = await run(
+        capsys, "wallet", "topup", "acme", amount, "--authority", nowhere, "--token", "t"
+    )
+    assert code == 2 and out == ""
+    assert "AMOUNT must be a positive integer in the smallest unit" in one_line_error(err)
+    code, _, err = await run(
+        capsys,
+        "wallet",
+        "adjust",
+        "acme",
+        "--kind",
+        "refund",
+        amount,
+        "--reason",
+        "r",
+        "--authority",
+        nowhere,
+    )
+    assert code == 2 and "AMOUNT" in one_line_error(err)
+
+
+async def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = await run(capsys, "wallet", "topup", "acme")
+    assert code == 2 and "AMOUNT" in one_line_error(err)
+    code, _, err = await run(capsys, "wallet", "adjust", "acme", "--kind", "gift", "5")
+    assert code == 2 and "--kind" in one_line_error(err)
+    code, _, err = await run(capsys, "wallet", "explain", "acme", "--since", "yesterday")
+    assert code == 2 and "--since" in one_line_error(err)
+    code, _, err = await run(
+        capsys, "authority", "verify", "--database", "sqlite:////nonexistent/authority.db"
+    )
+    assert code == 2 and "no SQLite database" in one_line_error(err)
+
+
+async def test_unreachable_authority_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    code, out, err = await run(capsys, "wallet", "show", "acme", "--authority", nowhere)
+    assert code == 3 and out == ""
+    assert one_line_error(err).startswith(f"error: authority unreachable at {nowhere}")
+
+
+async def test_service_errors_are_one_line(cli: Cli) -> None:
+    code, out, err = await cli("wallet", "show", "no-such-project")
+    assert code == 1 and out == ""
+    assert one_line_error(err).startswith("error: NOT_FOUND: ")
+    code, _, err = await cli("wallet", "show", "acme", token="wrong")
+    assert code == 1 and one_line_error(err).startswith("error: UNAUTHENTICATED: ")
+
+
+async def test_serve_refuses_to_start_without_a_token(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CREDITGATE_ADMIN_TOKEN", raising=False)
+    code, _, err = await run(capsys, "authority", "serve", "--database", "sqlite://:memory:")
+    assert code == 2 and "admin token" in one_line_error(err)
+
+
+async def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
+    grpc_port, http_port = free_port(), free_port()
+    env = os.environ | {"CREDITGATE_ADMIN_TOKEN": "serve-test-token"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway_plugin.cli",
+        "authority",
+        "serve",
+        "--database",
+        f"sqlite:///{tmp_path / 'served.db'}",
+        "--grpc-listen",
+        f"127.0.0.1:{grpc_port}",
+        "--http-listen",
+        f"127.0.0.1:{http_port}",
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        async with aiohttp.ClientSession() as session:
+            while True:
+                assert proc.returncode is None, "the authority exited"
+                try:
+                    async with session.get(f"http://127.0.0.1:{http_port}/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert loop.time() < deadline, "the authority did not start"
+                await asyncio.sleep(0.05)
+            headers = {"Authorization": "Bearer serve-test-token"}
+            async with session.get(
+                f"http://127.0.0.1:{http_port}/v1/wallets", headers=headers
+            ) as resp:
+                assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,324 @@
+"""Flusher against a real Redis and a real authority: settle, ack exactly once, reclaim, reject."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+
+from admission import keys
+from admission.authority import AuthorityClient, AuthorityClientConfig
+from admission.cache import CacheFiller
+from admission.decision import Hold
+from admission.engine import AdmissionEngine
+from admission.flusher import Flusher
+from admission.policy import Policy, parse_policy
+from creditservice.server import AuthorityServer
+from creditservice.v1 import credit_pb2 as pb
+from creditservice.v1 import credit_pb2_grpc as pb_grpc
+from tests.fixtures_authority import admin_md, make_wallet, new_project_id
+from tests.services import RedisProcess
+
+SHARDS = 16
+
+POLICY = """
+[settings]
+shards = 16
+max_cost = 1000000
+unsettled_limit = {unsl}
+hold_ttl_seconds = 300
+
+[[routes]]
+name = "charge"
+method = "POST"
+path = "/charge"
+cost = 10
+commit = "overage"
+"""
+
+
+def make_policy(unsettled_limit: int = 1_000_000) -> Policy:
+    return parse_policy(POLICY.format(unsl=unsettled_limit), "flusher-test.toml")
+
+
+async def ledger_usage(stub: pb_grpc.CreditServiceAsyncStub, token: str, project_id: str) -> int:
+    """Sum of USAGE charged in the authority ledger (positive), read page by page."""
+    total, page = 0, ""
+    while True:
+        reply = await stub.ListTransactions(
+            pb.ListTransactionsRequest(project_id=project_id, page_size=1000, page_token=page),
+            metadata=admin_md(token),
+            timeout=10,
+        )
+        total += sum(-e.amount for e in reply.entries if e.kind == pb.USAGE)
+        page = reply.next_page_token
+        if not page:
+            return total
+
+
+async def wallet_hash(client: aioredis.Redis, project_id: str) -> dict[str, int]:
+    raw: dict[Any, Any] = await client.hgetall(  # type: ignore[misc]
+        keys.wallet(keys.shard_of(project_id, SHARDS), project_id)
+    )
+    return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+
+
+async def charge(engine: AdmissionEngine, project_id: str) -> Hold:
+    route = engine.policy.route("charge")
+    assert route is not None
+    decision = await engine.admit(engine.request_for(route, project_id))
+    assert decision.admitted, decision
+    assert decision.hold is not None
+    return decision.hold
+
+
+def authority_client_for(srv: AuthorityServer) -> AuthorityClient:
+    return AuthorityClient(
+        AuthorityClientConfig(target=srv.grpc_target, token=srv.config.admin_token, timeout_s=2.0)
+    )
+
+
+# The outbox streams are shared by every project of a shard: these tests use their own logical
+# database so that entries of other test files never reach their flushers, and they delete
+# their streams afterwards so that each test starts with empty outboxes.
+TEST_DB = 3
+
+
+@pytest.fixture
+async def rclient(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(port=redis_proc.port, db=TEST_DB, socket_timeout=5)
+    yield client
+    await client.delete(*(keys.outbox(s) for s in range(SHARDS)))
+    await client.aclose()
+
+
+@pytest.fixture
+async def auth_client(authority: AuthorityServer) -> AsyncIterator[AuthorityClient]:
+    async with authority_client_for(authority) as client:
+        yield client
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+async def engine(
+    rclient: aioredis.Redis, auth_client: AuthorityClient, registry: CollectorRegistry
+) -> AsyncIterator[AdmissionEngine]:
+    policy = make_policy()
+    filler = CacheFiller(
+        rclient,
+        auth_client,
+        unsettled_limit=policy.settings.unsettled_limit,
+        shards=SHARDS,
+        registry=registry,
+    )
+    eng = AdmissionEngine(rclient, policy, filler, gateway_id="gw-flush")
+    yield eng
+    await eng.drain()
+    await filler.aclose()
+
+
+def flusher_for(
+    rclient: aioredis.Redis,
+    client: AuthorityClient,
+    registry: CollectorRegistry,
+    gateway_id: str = "flusher-test",
+    **kw: Any,
+) -> Flusher:
+    return Flusher(
+        rclient, client, shards=SHARDS, gateway_id=gateway_id, registry=registry, **kw
+    )
+
+
+async def drain_all(flusher: Flusher) -> int:
+    total = 0
+    while (n := await flusher.flush_once()) > 0:
+        total += n
+    return total
+
+
+async def test_commits_and_releases_settle_exactly(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=1000)
+    holds = [await charge(engine, pid) for _ in range(4)]
+    committed = 0
+    for hold, amount in zip(holds[:3], (7, 10, 25), strict=True):
+        outcome = await engine.commit(hold, amount)
+        assert outcome.ok, outcome
+        committed += amount
+    assert (await engine.release(holds[3])).ok
+    before = await wallet_hash(rclient, pid)
+    assert before[keys.W_UNSETTLED] == committed and before[keys.W_HELD] == 0
+
+    flusher = flusher_for(rclient, auth_client, registry)
+    assert await drain_all(flusher) == 4
+
+    assert await ledger_usage(authority_stub, token, pid) == committed
+    after = await wallet_hash(rclient, pid)
+    assert after[keys.W_UNSETTLED] == 0
+    assert after[keys.W_SNAPSHOT] == 1000 - committed
+    assert after[keys.W_VERSION] > before[keys.W_VERSION]
+    assert registry.get_sample_value("creditgate_settle_events_total", {"status": "applied"}) == 4
+    assert registry.get_sample_value("creditgate_settle_requests_total") == 1
+
+    await flusher.observe()
+    shard = str(keys.shard_of(pid, SHARDS))
+    assert registry.get_sample_value("creditgate_outbox_pending", {"shard": shard}) == 0
+
+
+async def test_rejected_events_are_acked_counted_and_logged(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ghost = new_project_id("ghost")  # the authority has no wallet for it
+    shard = keys.shard_of(ghost, SHARDS)
+    flusher = flusher_for(rclient, auth_client, registry)
+    await flusher.ensure_groups()
+    await rclient.xadd(
+        keys.outbox(shard),
+        {
+            keys.E_EVENT_ID: "evt-ghost-1",
+            keys.E_KIND: "COMMIT",
+            keys.E_PROJECT: ghost,
+            keys.E_HOLD_ID: "evt-ghost-1",
+            keys.E_HELD: "10",
+            keys.E_AMOUNT: "10",
+            keys.E_METER: "requests",
+            keys.E_ROUTE: "charge",
+            keys.E_TIME_MS: "1",
+            keys.E_GATEWAY: "gw",
+        },
+    )
+    with caplog.at_level(logging.ERROR, logger="admission.flusher"):
+        assert await drain_all(flusher) == 1
+    assert registry.get_sample_value("creditgate_settle_rejected_total") == 1
+    assert "evt-ghost-1" in caplog.text
+    pending = await rclient.xpending(keys.outbox(shard), keys.OUTBOX_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_dead_consumer_entries_are_reclaimed(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=500)
+    for amount in (3, 4, 5):
+        assert (await engine.commit(await charge(engine, pid), amount)).ok
+
+    dead = flusher_for(rclient, auth_client, registry, gateway_id="dead")
+    batch = await dead.read_batch()
+    assert len(batch) == 3  # delivered to "dead", which never acknowledges
+
+    live = flusher_for(rclient, auth_client, registry, gateway_id="live", claim_idle_ms=0)
+    assert await drain_all(live) == 3
+    assert await ledger_usage(authority_stub, token, pid) == 12
+    assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0
+
+
+async def test_own_pending_entries_are_replayed_after_restart(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=500)
+    assert (await engine.commit(await charge(engine, pid), 9)).ok
+    first = flusher_for(rclient, auth_client, registry, gateway_id="same")
+    assert len(await first.read_batch()) == 1  # "crash" before sending
+
+    again = flusher_for(rclient, auth_client, registry, gateway_id="same")
+    assert await drain_all(again) == 1  # replays its pending entries (id "0") first
+    assert await ledger_usage(authority_stub, token, pid) == 9
+    assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0
+
+
+async def test_invalid_entry_is_isolated_and_reported_not_blocking(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=500)
+    assert (await engine.commit(await charge(engine, pid), 6)).ok
+    shard = keys.shard_of(pid, SHARDS)
+    flusher = flusher_for(rclient, auth_client, registry)
+    await flusher.ensure_groups()
+    bad_id = await rclient.xadd(
+        keys.outbox(shard),
+        {
+            keys.E_EVENT_ID: "evt-bad",
+            keys.E_KIND: "COMMIT",
+            keys.E_PROJECT: pid,
+            keys.E_HOLD_ID: "evt-bad",
+            keys.E_HELD: "0",
+            keys.E_AMOUNT: str(10**16),  # above the authority's maximum amount
+            keys.E_METER: "requests",
+            keys.E_ROUTE: "charge",
+            keys.E_TIME_MS: "1",
+            keys.E_GATEWAY: "gw",
+        },
+    )
+    assert (await engine.commit(await charge(engine, pid), 8)).ok
+
+    assert await drain_all(flusher) == 2
+    assert await ledger_usage(authority_stub, token, pid) == 14
+    bad = bad_id.decode() if isinstance(bad_id, bytes) else bad_id
+    assert (shard, bad) in flusher.poisoned
+    pending = await rclient.xpending(keys.outbox(shard), keys.OUTBOX_GROUP)
+    assert pending["pending"] >= 1  # kept, never silently dropped
+    await flusher.observe()
+    assert registry.get_sample_value("creditgate_outbox_poison_entries", {"shard": str(shard)}) >= 1
+
+
+async def test_drain_flushes_everything_and_run_settles_in_background(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=10_000)
+    committed = 0
+    for i in range(25):
+        assert (await engine.commit(await charge(engine, pid), i)).ok
+        committed += i
+    flusher = flusher_for(rclient, auth_client, registry, batch_size=7)
+    assert await flusher.drain(10.0) == 25
+    assert await ledger_usage(authority_stub, token, pid) == committed
+    assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0

@@ -1,0 +1,484 @@
+"""The plugin end to end: real Redis, real authority, real engine and flusher, real aiohttp.
+
+Each status the plugin can answer, its headers parsed as Structured Fields, its problem+json
+body; usage reporting, error/5xx release, shadow mode, sub-apps, the LOW warning, and that the
+authority's ledger holds exactly what the gateway committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import http_sfv
+import pytest
+from aiohttp import ClientResponse, web
+from prometheus_client import CollectorRegistry
+
+from creditservice.clock import ManualClock
+from creditservice.server import AuthorityServer
+from creditservice.v1 import credit_pb2_grpc as pb_grpc
+from gateway_plugin import GATEWAY_KEY, GatewayConfig, UsageError, setup, usage
+from tests.fixtures_gateway import (
+    GATEWAY_POLICY,
+    GatewayFactory,
+    ProjectFactory,
+    bearer,
+    usage_sum,
+)
+from tests.services import RedisProcess
+
+PROBLEM = "application/problem+json"
+
+
+async def ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def sf_list(value: str) -> dict[str, dict[str, Any]]:
+    parsed = http_sfv.List()
+    parsed.parse(value.encode())
+    return {str(item.value): dict(item.params) for item in parsed}
+
+
+def sf_dict(value: str) -> dict[str, Any]:
+    parsed = http_sfv.Dictionary()
+    parsed.parse(value.encode())
+    return {k: v.value for k, v in parsed.items()}
+
+
+async def problem(resp: ClientResponse, status: int, reason: str) -> dict[str, Any]:
+    assert resp.status == status, await resp.text()
+    assert resp.headers["Content-Type"] == PROBLEM
+    body: dict[str, Any] = await resp.json(content_type=PROBLEM)
+    assert body["type"] == f"urn:creditgate:problem:{reason}"
+    assert body["status"] == status
+    assert body["instance"] == resp.url.path
+    assert body["title"]
+    assert body["detail"]
+    return body
+
+
+BASIC_ROUTES = [
+    ("GET", "/charged", ok),
+    ("GET", "/free", ok),
+    ("GET", "/plain", ok),
+]
+
+PLAIN_ROUTE = """
+[[routes]]
+name = "plain"
+method = "GET"
+path = "/plain"
+"""
+
+
+async def test_admitted_request_carries_ratelimit_headers_and_is_charged(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    gw = await gateway_factory(BASIC_ROUTES)
+    project, secret = await project_factory(1000)
+    resp = await gw.client.get("/charged", headers=bearer(secret))
+    assert resp.status == 200, await resp.text()
+    assert await resp.text() == "ok"
+    assert sf_list(resp.headers["RateLimit-Policy"]) == {
+        "requests": {"q": 5, "w": 60},
+        "concurrent": {"q": 2, "qu": "concurrent-requests"},
+    }
+    limits = sf_list(resp.headers["RateLimit"])
+    assert limits["requests"]["r"] == 4
+    assert limits["requests"]["t"] >= 0
+    assert limits["concurrent"] == {"r": 1}
+    assert "Retry-After" not in resp.headers
+    assert "Creditgate-Warning" not in resp.headers
+    assert (
+        gw.metric("creditgate_decisions_total", {"outcome": "admitted", "reason": "admitted"}) == 1
+    )
+    assert gw.metric("creditgate_admission_duration_seconds_count") == 1
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (10, 1)
+    assert gw.metric("creditgate_committed_credits_total", {"meter": "requests"}) == 10
+
+
+async def test_rate_limit_429(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    gw = await gateway_factory(BASIC_ROUTES)
+    _, secret = await project_factory(1000)
+    for i in range(5):
+        resp = await gw.client.get("/free", headers=bearer(secret))
+        assert resp.status == 200
+        assert sf_list(resp.headers["RateLimit"])["requests"]["r"] == 4 - i
+    resp = await gw.client.get("/free", headers=bearer(secret))
+    await problem(resp, 429, "rate-limited")
+    limits = sf_list(resp.headers["RateLimit"])
+    assert limits["requests"]["r"] == 0
+    assert sf_list(resp.headers["RateLimit-Policy"]) == {"requests": {"q": 5, "w": 60}}
+    retry = int(resp.headers["Retry-After"])
+    assert retry >= limits["requests"]["t"] >= 1
+    assert (
+        gw.metric("creditgate_decisions_total", {"outcome": "denied", "reason": "rate-limited"})
+        == 1
+    )
+
+
+async def test_concurrency_limit_429(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    entered = asyncio.Semaphore(0)
+    go = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        entered.release()
+        await go.wait()
+        return web.Response(text="slow")
+
+    gw = await gateway_factory([("GET", "/slow", slow)])
+    project, secret = await project_factory(1000)
+    first = asyncio.create_task(gw.client.get("/slow", headers=bearer(secret)))
+    second = asyncio.create_task(gw.client.get("/slow", headers=bearer(secret)))
+    async with asyncio.timeout(10):
+        await entered.acquire()
+        await entered.acquire()
+    resp = await gw.client.get("/slow", headers=bearer(secret))
+    await problem(resp, 429, "concurrency-limited")
+    assert sf_list(resp.headers["RateLimit"]) == {"concurrent": {"r": 0}}
+    assert sf_list(resp.headers["RateLimit-Policy"]) == {
+        "concurrent": {"q": 2, "qu": "concurrent-requests"}
+    }
+    assert int(resp.headers["Retry-After"]) >= 1
+    go.set()
+    assert [(await first).status, (await second).status] == [200, 200]
+    await gw.state.wait_settled(10)
+    again = await gw.client.get("/slow", headers=bearer(secret))
+    assert again.status == 200
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (30, 3)
+
+
+async def test_insufficient_credits_402(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    gw = await gateway_factory(BASIC_ROUTES)
+    _, secret = await project_factory(15)
+    assert (await gw.client.get("/charged", headers=bearer(secret))).status == 200
+    resp = await gw.client.get("/charged", headers=bearer(secret))
+    await problem(resp, 402, "insufficient-credits")
+    assert int(resp.headers["Retry-After"]) == 30
+    assert "RateLimit" in resp.headers
+
+
+async def test_grace_402_on_charged_route_free_route_admitted(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    gw = await gateway_factory(BASIC_ROUTES)
+    _, secret = await project_factory(0, grace_period_seconds=3600)
+    resp = await gw.client.get("/charged", headers=bearer(secret))
+    body = await problem(resp, 402, "wallet-grace")
+    assert body["grace_until_ms"] > 0
+    assert body["grace_until"].endswith("+00:00")
+    assert int(resp.headers["Retry-After"]) == 30
+    assert (await gw.client.get("/free", headers=bearer(secret))).status == 200
+
+
+async def test_expired_403_once_the_authority_expires_the_wallet(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_clock: ManualClock,
+) -> None:
+    gw = await gateway_factory(BASIC_ROUTES, policy_text=GATEWAY_POLICY + PLAIN_ROUTE)
+    _, secret = await project_factory(0, grace_period_seconds=60)
+    assert (await gw.client.get("/plain", headers=bearer(secret))).status == 200
+    authority_clock.advance(seconds=61)
+    await authority.run_jobs_once()
+    # Watch pushes the change; poll for it with a deadline (invariant 6: within 1 s).
+    async with asyncio.timeout(5):
+        while True:
+            resp = await gw.client.get("/plain", headers=bearer(secret))
+            if resp.status != 200:
+                break
+            await asyncio.sleep(0.02)
+    await problem(resp, 403, "wallet-expired")
+    assert "Retry-After" not in resp.headers
+
+
+async def test_bad_and_missing_credentials(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(BASIC_ROUTES)
+    unknown = "cg_" + secrets.token_urlsafe(32)
+    resp = await gw.client.get("/charged", headers=bearer(unknown))
+    await problem(resp, 403, "invalid-credential")
+    resp = await gw.client.get("/charged", headers=bearer("not-a-key"))
+    await problem(resp, 403, "invalid-credential")
+    resp = await gw.client.get("/charged")
+    await problem(resp, 401, "missing-credential")
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "Retry-After" not in resp.headers
+
+
+async def test_unmatched_route_denied_400_metrics_served(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory([*BASIC_ROUTES, ("GET", "/elsewhere", ok)])
+    resp = await gw.client.get("/elsewhere")
+    body = await problem(resp, 400, "invalid-request")
+    assert "/elsewhere" in body["detail"]
+    metrics = await gw.client.get("/metrics")
+    assert metrics.status == 200
+    assert "creditgate_decisions_total" in await metrics.text()
+
+
+async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory, own_redis: RedisProcess
+) -> None:
+    gw = await gateway_factory(
+        BASIC_ROUTES,
+        redis_url=own_redis.url,
+        flusher_drain_timeout_seconds=0.5,
+        settle_drain_timeout_seconds=0.5,
+    )
+    _, secret = await project_factory(1000)
+    assert (await gw.client.get("/charged", headers=bearer(secret))).status == 200
+    await gw.state.wait_settled(10)
+    own_redis.stop()
+    resp = await gw.client.get("/charged", headers=bearer(secret))
+    await problem(resp, 503, "admission-unavailable")
+    assert int(resp.headers["Retry-After"]) == 2
+    resp = await gw.client.get("/free", headers=bearer(secret))
+    assert resp.status == 200
+    assert gw.metric("creditgate_degraded_admits_total", {"route": "free"}) == 1
+    assert (
+        gw.metric(
+            "creditgate_decisions_total", {"outcome": "denied", "reason": "admission-unavailable"}
+        )
+        == 1
+    )
+
+
+async def test_reported_usage_and_overage(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    errors: list[str] = []
+
+    async def reported(request: web.Request) -> web.Response:
+        handle = usage(request)
+        assert handle.hold_amount == 100
+        assert handle.project_id is not None
+        for bad in (101, -1, "5", 2.0, True):
+            try:
+                handle.report(bad)  # type: ignore[arg-type]
+            except UsageError as exc:
+                errors.append(str(exc))
+        handle.report(37)
+        return web.Response(text="reported")
+
+    async def overage(request: web.Request) -> web.Response:
+        usage(request).report(25)
+        return web.Response(text="overage")
+
+    gw = await gateway_factory([("POST", "/reported", reported), ("POST", "/overage", overage)])
+    project, secret = await project_factory(1000)
+    assert (await gw.client.post("/reported", headers=bearer(secret))).status == 200
+    assert (await gw.client.post("/overage", headers=bearer(secret))).status == 200
+    assert len(errors) == 5
+    assert "does not allow overage" in errors[0]
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (62, 2)
+
+
+async def test_usage_outside_a_protected_route_is_a_clear_error(
+    gateway_factory: GatewayFactory,
+) -> None:
+    seen: list[str] = []
+
+    async def unprotected(request: web.Request) -> web.Response:
+        try:
+            usage(request)
+        except UsageError as exc:
+            seen.append(str(exc))
+        return web.Response(text="x")
+
+    policy = GATEWAY_POLICY.replace('unmatched = "deny"', 'unmatched = "pass"')
+    gw = await gateway_factory([("GET", "/open", unprotected)], policy_text=policy)
+    assert (await gw.client.get("/open")).status == 200
+    assert seen and "not protected" in seen[0]
+
+
+async def test_exceptions_and_5xx_release_unless_configured(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    async def boom(request: web.Request) -> web.Response:
+        raise RuntimeError("handler bug")
+
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]))
+
+    async def raise_status(request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        if code == 502:
+            raise web.HTTPBadGateway()
+        if code == 404:
+            raise web.HTTPNotFound()
+        return web.Response(status=code)
+
+    gw = await gateway_factory(
+        [
+            ("GET", "/boom", boom),
+            ("GET", "/status/{code}", status),
+            ("GET", "/sticky/{code}", raise_status),
+        ]
+    )
+    project, secret = await project_factory(1000)
+    h = bearer(secret)
+    assert (await gw.client.get("/boom", headers=h)).status == 500  # released
+    assert (await gw.client.get("/status/503", headers=h)).status == 503  # released
+    assert (await gw.client.get("/status/404", headers=h)).status == 404  # committed: 10
+    resp = await gw.client.get("/status/500", headers=h)  # released
+    assert resp.status == 500
+    assert "RateLimit-Policy" not in resp.headers  # route has no quotas
+    assert (await gw.client.get("/sticky/500", headers=h)).status == 500  # committed: 10
+    assert (await gw.client.get("/sticky/502", headers=h)).status == 502  # committed: 10
+    assert (await gw.client.get("/sticky/404", headers=h)).status == 404  # committed: 10
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (40, 4)
+    assert gw.metric("creditgate_settlements_total", {"action": "release", "result": "ok"}) == 3
+    assert gw.metric("creditgate_settlements_total", {"action": "commit", "result": "ok"}) == 4
+
+
+async def test_shadow_route_never_denies_but_says_so(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    gw = await gateway_factory([("GET", "/shadow", ok)])
+    _, secret = await project_factory(1000)
+    statuses, shadows = [], []
+    for _ in range(3):
+        resp = await gw.client.get("/shadow", headers=bearer(secret))
+        statuses.append(resp.status)
+        shadows.append(resp.headers.get("Creditgate-Shadow"))
+    assert statuses == [200, 200, 200]
+    assert shadows[0] is None
+    assert [sf_dict(s) for s in shadows[1:] if s] == [{"would-deny": "rate-limited"}] * 2
+    assert gw.metric("creditgate_shadow_would_deny_total", {"reason": "rate-limited"}) == 2
+
+
+async def test_low_balance_warning(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    gw = await gateway_factory(BASIC_ROUTES)
+    _, secret = await project_factory(50, low_balance_threshold=100)
+    resp = await gw.client.get("/charged", headers=bearer(secret))
+    assert resp.status == 200
+    assert sf_list(resp.headers["Creditgate-Warning"]) == {"low-balance": {}}
+
+
+async def test_sub_app_protects_only_its_routes(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    async def thing(request: web.Request) -> web.Response:
+        return web.Response(text=f"thing of {usage(request).project_id}")
+
+    gw = await gateway_factory([("GET", "/thing", thing)], sub_app="/api")
+    project, secret = await project_factory(1000)
+    assert (await gw.client.get("/api/thing")).status == 401
+    resp = await gw.client.get("/api/thing", headers=bearer(secret))
+    assert resp.status == 200
+    assert await resp.text() == f"thing of {project}"
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (10, 1)
+
+
+async def test_sub_app_leaves_parent_routes_alone(
+    aiohttp_client: Any, redis_proc: RedisProcess, authority: AuthorityServer
+) -> None:
+    from admission.policy import parse_policy
+
+    parent = web.Application()
+    parent.router.add_get("/health", ok)
+    child = web.Application()
+    child.router.add_get("/thing", ok)
+    state = setup(
+        child,
+        GatewayConfig(
+            policy=parse_policy(GATEWAY_POLICY),
+            redis_url=redis_proc.url,
+            authority_target=authority.grpc_target,
+            authority_token=authority.config.admin_token,
+            run_flusher=False,
+            metrics_path="",
+            registry=CollectorRegistry(),
+        ),
+    )
+    parent.add_subapp("/api", child)
+    client = await aiohttp_client(parent)
+    assert (await client.get("/health")).status == 200
+    assert (await client.get("/api/thing")).status == 401
+    assert state.engine is not None
+    assert child[GATEWAY_KEY] is state
+    assert GATEWAY_KEY not in parent
+
+
+async def test_setup_after_start_is_refused(gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory(BASIC_ROUTES)
+    with pytest.raises(RuntimeError, match="before the application starts"):
+        setup(gw.client.app, gw.state.config)
+
+
+async def test_ledger_equals_what_the_gateway_committed(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    async def reported(request: web.Request) -> web.Response:
+        usage(request).report(int(request.query.get("n", "0")))
+        return web.Response(text="r")
+
+    async def boom(request: web.Request) -> web.Response:
+        raise RuntimeError("no")
+
+    gw = await gateway_factory(
+        [("GET", "/charged", ok), ("POST", "/reported", reported), ("GET", "/boom", boom)]
+    )
+    projects = [await project_factory(10_000) for _ in range(3)]
+    expected = dict.fromkeys([p for p, _ in projects], 0)
+
+    async def one(i: int) -> None:
+        project, secret = projects[i % 3]
+        h = bearer(secret)
+        kind = i % 4
+        if kind == 0:
+            resp = await gw.client.get("/charged", headers=h)
+            if resp.status == 200:
+                expected[project] += 10
+            else:
+                assert resp.status == 429
+        elif kind in (1, 2):
+            n = (i * 7) % 100
+            resp = await gw.client.post(f"/reported?n={n}", headers=h)
+            assert resp.status == 200
+            expected[project] += n
+        else:
+            assert (await gw.client.get("/boom", headers=h)).status == 500
+
+    await asyncio.gather(*(one(i) for i in range(60)))
+    await gw.settle_everything()
+    total = 0
+    for project, _ in projects:
+        charged, _entries = await usage_sum(authority_stub, authority.config.admin_token, project)
+        assert charged == expected[project]
+        total += charged
+    assert gw.metric("creditgate_committed_credits_total", {"meter": "requests"}) == total
