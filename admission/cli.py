@@ -126,7 +126,8 @@ async def _run(args: argparse.Namespace, shards: int, policy: Policy | None) -> 
             claim_idle_ms=args.claim_idle_ms,
             sweeper=sweeper,
         )
-        tasks = [asyncio.create_task(flusher.run(), name="flusher")]
+        flushing = asyncio.create_task(flusher.run(), name="flusher")
+        tasks: list[asyncio.Task[None]] = []
         if not args.no_watch:
             tasks.append(asyncio.create_task(WatchSubscriber(filler).run(), name="watch"))
             tasks.append(asyncio.create_task(Reconciler(filler).run(), name="reconcile"))
@@ -140,6 +141,8 @@ async def _run(args: argparse.Namespace, shards: int, policy: Policy | None) -> 
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        flusher.stop()
+        await flushing
         drained = await flusher.drain(args.drain_timeout)
         log.info("drained %d outbox entries", drained)
         if engine is not None:

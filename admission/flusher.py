@@ -169,6 +169,7 @@ class Flusher:
         # Entries the authority refuses as malformed: kept pending (never silently dropped),
         # left out of batches so they cannot block the others.
         self.poisoned: set[tuple[int, str]] = set()
+        self._stopping = asyncio.Event()
 
     # ---------------------------------------------------------------- setup
 
@@ -469,15 +470,28 @@ class Flusher:
 
     # ---------------------------------------------------------------- loops
 
+    def stop(self) -> None:
+        """Ask run() to return after the current cycle (never cut a Redis command in half)."""
+        self._stopping.set()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+
     async def run(self) -> None:
-        """Flush until cancelled; errors back off (capped, exponential), entries stay pending."""
+        """Flush until stop() (or cancellation); errors back off (capped, exponential), their
+        entries stay pending. Prefer stop(): redis-py can lose a cancellation that lands in
+        the middle of a command (it retries the command instead).
+        """
+        self._stopping.clear()
         sweeper = None
         if self.sweeper is not None:
             sweeper = asyncio.create_task(self._sweep_loop(), name="creditgate-sweeper")
         backoff = self.backoff_initial_s
         next_observe = 0.0
         try:
-            while True:
+            while not self._stopping.is_set():
                 try:
                     if time.monotonic() >= next_observe:
                         next_observe = time.monotonic() + self.observe_interval_s
@@ -486,11 +500,11 @@ class Flusher:
                     backoff = self.backoff_initial_s
                 except (AuthorityUnavailable, AuthorityRequestFailed, RedisError) as err:
                     log.warning("flush failed, retrying in %.2fs: %r", backoff, err)
-                    await asyncio.sleep(backoff)
+                    await self._pause(backoff)
                     backoff = min(backoff * 2, self.backoff_max_s)
         finally:
+            self._stopping.set()
             if sweeper is not None:
-                sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
 
@@ -507,14 +521,14 @@ class Flusher:
 
     async def _sweep_loop(self) -> None:
         assert self.sweeper is not None
-        while True:
+        while not self._stopping.is_set():
             try:
                 swept = await self.sweeper.sweep_expired()
                 if swept:
                     self._metrics.holds_swept.inc(swept)
             except Exception as err:  # the loop must outlive a failed pass
                 log.warning("hold sweep failed: %r", err)
-            await asyncio.sleep(self.sweep_interval_ms / 1000)
+            await self._pause(self.sweep_interval_ms / 1000)
 
     async def observe(self) -> None:
         """Refresh the outbox gauges and trim acknowledged entries from the streams."""

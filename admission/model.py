@@ -137,7 +137,7 @@ class Model:
 
     def _trim(self, project: str, name: str, win_ms: int, now: int) -> int:
         log = self.logs.setdefault((project, name), [])
-        log[:] = [e for e in log if e.t >= now - win_ms]
+        log[:] = [e for e in log if e.t > now - win_ms]
         return sum(e.weight for e in log)
 
     def admit(
@@ -231,7 +231,7 @@ class Model:
                 )
             else:
                 outcomes.append(QuotaOutcome(q.name, q.kind, q.limit, 0, remaining, 0))
-        low = wallet.snap - wallet.uns - wallet.held < wallet.low
+        low = wallet.snap - wallet.uns - wallet.held <= wallet.low
         return AdmitOutcome(
             ADMITTED if admitted else DENIED,
             reason,

@@ -1,7 +1,7 @@
 """Settle throughput of the authority's storage: events/s for batch sizes 1, 100 and 1000.
 
 python bench/settle_bench.py [--backend sqlite|postgresql|both] [--dsn postgresql://...]
-Each run uses its own temporary SQLite file / PostgreSQL schema and removes it afterwards.
+Each run uses its own temporary SQLite file / PostgreSQL database and removes it afterwards.
 """
 
 from __future__ import annotations
@@ -101,25 +101,29 @@ async def sqlite_store() -> AsyncIterator[Store]:
 
 
 @asynccontextmanager
-async def postgres_store(dsn: str) -> AsyncIterator[Store]:
-    schema = f"cg_bench_{uuid.uuid4().hex[:10]}"
-    sep = "&" if "?" in dsn else "?"
-    store = await open_store(f"{dsn}{sep}schema={schema}")
+async def postgres_store(admin_dsn: str) -> AsyncIterator[Store]:
+    """A store in a database of its own on the server of `admin_dsn`, dropped afterwards."""
+    name = f"cg_bench_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(admin_dsn)
     try:
-        yield store
-    finally:
-        await store.close()
-        conn = await asyncpg.connect(dsn)
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        base, _, _ = admin_dsn.partition("?")[0].rpartition("/")
+        store = await open_store(f"{base}/{name}")
         try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            yield store
         finally:
-            await conn.close()
+            await store.close()
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
-    parser.add_argument("--dsn", default=DEFAULT_DSN, help="PostgreSQL DSN (a schema is made)")
+    parser.add_argument(
+        "--dsn", default=DEFAULT_DSN, help="PostgreSQL server DSN (a database is made, dropped)"
+    )
     args = parser.parse_args()
     backends = ("sqlite", "postgresql") if args.backend == "both" else (args.backend,)
     print(f"{'backend':<12} {'batch':>6} {'events':>8} {'events/s':>10}")

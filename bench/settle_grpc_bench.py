@@ -6,6 +6,7 @@ as the flusher does. Prints events/s and per-batch latency (p50/p99).
 
     python bench/settle_grpc_bench.py                       # sqlite + postgresql, 1/100/1000
     python bench/settle_grpc_bench.py --backends sqlite --batch-sizes 1000 --concurrency 4
+    python bench/settle_grpc_bench.py --watchers 4        # with 4 gateway-like Watch streams
     CREDITGATE_BENCH_PG_DSN=postgresql://postgres@127.0.0.1:5432/postgres  (admin DSN used)
 """
 
@@ -23,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import grpc
@@ -110,7 +112,17 @@ async def measure(
     return time.perf_counter() - t0, latencies
 
 
-async def bench_backend(backend: str, sizes: list[int], concurrency: int, scale: float) -> None:
+async def drain_watch(
+    stub: pb_grpc.CreditServiceAsyncStub, md: tuple[tuple[str, str], ...]
+) -> None:
+    """A gateway-like Watch consumer, so Settle is measured with change fan-out running."""
+    async for _ in stub.Watch(pb.WatchRequest(), metadata=md):
+        pass
+
+
+async def bench_backend(
+    backend: str, sizes: list[int], concurrency: int, scale: float, watch_streams: int
+) -> None:
     async with database(backend) as url:
         cfg = AuthorityConfig(
             database=url,
@@ -120,7 +132,8 @@ async def bench_backend(backend: str, sizes: list[int], concurrency: int, scale:
             run_jobs=False,
         )
         async with AuthorityServer(cfg) as srv, grpc.aio.insecure_channel(srv.grpc_target) as ch:
-            stub: pb_grpc.CreditServiceAsyncStub = pb_grpc.CreditServiceStub(ch)
+            # The generated overloads cannot tell an aio channel (grpc ships no types).
+            stub = cast("pb_grpc.CreditServiceAsyncStub", pb_grpc.CreditServiceStub(ch))
             md = (("authorization", f"Bearer {cfg.admin_token}"),)
             projects = [f"bench-{i}" for i in range(PROJECTS)]
             for pid in projects:
@@ -134,6 +147,7 @@ async def bench_backend(backend: str, sizes: list[int], concurrency: int, scale:
                     pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=10**14),
                     metadata=md,
                 )
+            watchers = [asyncio.create_task(drain_watch(stub, md)) for _ in range(watch_streams)]
             # Warm-up: connections, statement caches, page cache.
             await measure(stub, md, batches("warm", 100, 2_000, projects), 1)
             for size in sizes:
@@ -144,11 +158,15 @@ async def bench_backend(backend: str, sizes: list[int], concurrency: int, scale:
                 lat_ms = sorted(x * 1000 for x in lat)
                 p99 = lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))]
                 print(
-                    f"{backend:10s} batch={size:5d} conc={concurrency} events={events:7d} "
+                    f"{backend:10s} batch={size:5d} conc={concurrency} watch={watch_streams} "
+                    f"events={events:7d} "
                     f"{events / elapsed:10.0f} events/s  batch p50={statistics.median(lat_ms):7.2f}"
                     f" ms p99={p99:7.2f} ms",
                     flush=True,
                 )
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
 
 
 async def main() -> None:
@@ -156,11 +174,12 @@ async def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--batch-sizes", default="1,100,1000")
     parser.add_argument("--concurrency", type=int, default=1, help="batches in flight")
+    parser.add_argument("--watchers", type=int, default=0, help="Watch streams to run alongside")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the event counts")
     args = parser.parse_args()
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     for backend in args.backends.split(","):
-        await bench_backend(backend, sizes, args.concurrency, args.scale)
+        await bench_backend(backend, sizes, args.concurrency, args.scale, args.watchers)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ first because the project id is part of the check.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,6 +58,81 @@ class ChangeSignal:
             await asyncio.wait_for(self._event.wait(), timeout_s)
 
 
+class ChangeFeed:
+    """Reads the change log once per process on behalf of every Watch stream.
+
+    It keeps the newest changes in memory as one contiguous run of the log (every change with
+    base < cursor <= head). Streams at or after `base` are served from memory; a stream further
+    behind reads the store itself. New changes are fetched by one task at a time (single
+    flight), and only when something may be new: the signal moved since the last fetch, the last
+    fetch filled a whole batch, or a poll interval passed (changes of other processes). So the
+    database sees one query per change or poll interval, however many streams are open.
+    """
+
+    def __init__(
+        self, store: Store, signal: ChangeSignal, poll_s: float, capacity: int = 10_000
+    ) -> None:
+        self._store = store
+        self._signal = signal
+        self._poll_s = poll_s
+        self._capacity = capacity
+        self._events: list[pb.WatchEvent] = []
+        self._cursors: list[int] = []
+        self._base = -1  # -1: not started; the first fetch starts at the log's end
+        self._head = -1
+        self._fetch: asyncio.Task[None] | None = None
+        self._fetched_version = -1
+        self._fetched_at = float("-inf")
+        self._more = False
+
+    async def after(self, cursor: int, limit: int) -> list[pb.WatchEvent]:
+        """Up to `limit` changes with a cursor > `cursor`, oldest first."""
+        if self._head < 0 or cursor >= self._head:
+            await self._refresh()
+        if cursor < self._base:
+            return await self._store.changes_after(cursor, limit)
+        i = bisect.bisect_right(self._cursors, cursor)
+        return self._events[i : i + limit]
+
+    async def drain(self) -> None:
+        """Wait for an in-flight fetch (before the store closes); its failure is not ours."""
+        task = self._fetch
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+
+    async def _refresh(self) -> None:
+        now = asyncio.get_running_loop().time()
+        fresh = self._signal.version == self._fetched_version and not self._more
+        if self._head >= 0 and fresh and now - self._fetched_at < self._poll_s:
+            return
+        if self._fetch is None:
+            self._fetch = asyncio.create_task(self._fetch_once())
+        # Shielded: one stream going away must not cancel the fetch the others wait for.
+        await asyncio.shield(self._fetch)
+
+    async def _fetch_once(self) -> None:
+        version = self._signal.version
+        started = asyncio.get_running_loop().time()
+        try:
+            if self._head < 0:
+                self._head = self._base = await self._store.last_cursor()
+            batch = await self._store.changes_after(self._head, WATCH_BATCH)
+            if batch:
+                self._events.extend(batch)
+                self._cursors.extend(e.cursor for e in batch)
+                self._head = batch[-1].cursor
+            if len(self._events) > 2 * self._capacity:
+                drop = len(self._events) - self._capacity
+                self._base = self._cursors[drop - 1]
+                del self._events[:drop], self._cursors[:drop]
+            self._more = len(batch) >= WATCH_BATCH
+            self._fetched_version = version
+            self._fetched_at = started
+        finally:
+            self._fetch = None
+
+
 @dataclass(frozen=True, slots=True)
 class JobsReport:
     grace_expired: int = 0
@@ -81,6 +157,7 @@ class CreditCore:
         self.store = store
         self.clock = clock
         self.signal = ChangeSignal()
+        self.feed = ChangeFeed(store, self.signal, watch_poll_interval_s)
         # The store reports every commit that appended changes, whoever caused it (RPCs, jobs,
         # imports), so Watch wakes without each operation remembering to notify.
         store.add_change_listener(lambda _cursor: self.signal.notify())
@@ -98,6 +175,10 @@ class CreditCore:
         """Ends every open Watch stream (graceful shutdown)."""
         self._closed = True
         self.signal.notify()
+
+    async def drain(self) -> None:
+        """After close() and the transports stopped: wait for work still using the store."""
+        await self.feed.drain()
 
     async def _mutate(
         self, principal: Principal, check: Callable[[], None], call: Callable[[int], Awaitable[T]]
@@ -349,9 +430,10 @@ class CreditCore:
     ) -> AsyncIterator[pb.WatchEvent]:
         """Changes after `request.after_cursor` (0 = from now on), then live, until close().
 
-        Theory of operation: the stream reads the store's change log from its cursor. After
-        each committed change of this process `signal` wakes it at once; a poll every
-        `watch_poll_interval_s` picks up changes of other processes sharing the database. A
+        Theory of operation: the stream reads the change log from its cursor through `feed`
+        (shared by all streams). After each committed change of this process `signal` wakes it
+        at once; a poll every `watch_poll_interval_s` picks up changes of other processes
+        sharing the database. A
         Heartbeat opens the stream (once any ResyncRequired is sent) and repeats while idle; its
         cursor is the position scanned so far, from which resuming is safe. A cursor older than
         the retained log, or newer than the log's end (another database), first yields
@@ -382,7 +464,13 @@ class CreditCore:
         next_heartbeat = loop.time() + self._heartbeat_s
         while not self._closed:
             seen = self.signal.version
-            changes = await store.changes_after(cursor, WATCH_BATCH)
+            changes = await self.feed.after(cursor, WATCH_BATCH)
+            if changes and changes[0].cursor > cursor + 1:
+                # A gap: either cursors skip numbers, or pruning overtook this slow stream.
+                oldest = await store.oldest_cursor()
+                if cursor < oldest - 1:
+                    reason = f"changes after {cursor} were pruned"
+                    yield _resync(oldest - 1, self.clock.now_ms(), reason)
             for event in changes:
                 cursor = event.cursor
                 if wanted is not None and event.project_id not in wanted:

@@ -228,6 +228,8 @@ class AuthorityServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._jobs = []
+        if self._core is not None:
+            await self._core.drain()
         if self._store is not None:
             await self._store.close()
             self._store = None

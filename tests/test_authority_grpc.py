@@ -1097,3 +1097,20 @@ async def test_revocation_by_another_process_takes_effect(tmp_path: Path) -> Non
                 break
             assert loop.time() < deadline, "revoked key still accepted after the cache TTL"
             await asyncio.sleep(0.01)  # poll interval of the condition, bounded by the deadline
+
+
+async def test_unexpected_failure_is_internal_and_logged(
+    authority: AuthorityServer, authority_stub: Stub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure that is no ServiceError (here: the store was closed under the server) becomes
+    INTERNAL without details for the caller, and its traceback goes to the log."""
+    await authority.core.store.close()
+    err = await expect_rpc_error(
+        authority_stub.GetWallet(
+            pb.GetWalletRequest(project_id="x"), metadata=admin_md(authority.config.admin_token)
+        ),
+        grpc.StatusCode.INTERNAL,
+    )
+    assert err.details() == "internal error"
+    logged = [r for r in caplog.records if r.name == "creditservice.grpc_service"]
+    assert logged and logged[0].exc_info is not None and "GetWallet" in logged[0].getMessage()

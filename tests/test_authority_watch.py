@@ -7,6 +7,7 @@ No sleeps: every wait is for an event, with a deadline.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -277,3 +278,30 @@ async def test_shutdown_ends_watch_streams(tmp_path: Path) -> None:
                 await next_watch_event(call, 5.0)
     finally:
         await srv.stop()
+
+
+async def test_resync_when_pruning_overtakes_a_slow_stream(
+    authority: AuthorityServer, authority_stub: Stub, authority_clock: ManualClock
+) -> None:
+    """Drives CreditCore.Watch directly so the stream is deterministically paused while the log
+    it has not read yet is pruned."""
+    token = authority.config.admin_token
+    md = admin_md(token)
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100)
+    core = authority.core
+    stream = core.Watch(pb.WatchRequest(), await core.authenticate(token))
+    assert isinstance(stream, AsyncGenerator)
+    opening = await anext(stream)
+    assert opening.HasField("heartbeat")
+    await top_up(authority_stub, md, pid, 1, "s-1")
+    await top_up(authority_stub, md, pid, 2, "s-2")
+    authority_clock.advance(seconds=8 * 24 * 3600)
+    await top_up(authority_stub, md, pid, 3, "s-3")
+    assert (await core.prune_changes_once()) > 0
+    oldest = await core.store.oldest_cursor()
+    resync = await anext(stream)
+    assert resync.HasField("resync") and resync.cursor == oldest - 1
+    kept = await anext(stream)
+    assert kept.cursor == oldest and kept.wallet.balance == 106
+    await stream.aclose()

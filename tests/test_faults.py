@@ -195,7 +195,10 @@ async def test_authority_outage_admits_within_cache_then_backlog_then_settles(
             assert await _flush_until_settled(flusher, 15.0) == 5
             hash_ = await wallet_hash(rclient, pid)
             assert hash_[keys.W_UNSETTLED] == 0 and hash_[keys.W_SNAPSHOT] == 1000 - committed
-            assert (await engine.admit(engine.request_for(route, pid))).admitted
+            again = await engine.admit(engine.request_for(route, pid))
+            assert again.admitted and again.hold is not None
+            assert (await engine.release(again.hold)).ok
+            assert await drain_all(flusher) == 1
             await engine.drain()
         async with grpc_stub(target) as stub:
             assert await ledger_usage(stub, cfg.admin_token, pid) == committed
@@ -244,12 +247,13 @@ async def test_dead_gateway_holds_expire_and_settle_as_expire_events(
                 settled = registry.get_sample_value(
                     "creditgate_settle_events_total", {"status": "applied"}
                 )
-                if hash_[keys.W_HELD] == 0 and swept == 2 and settled == 3:
+                # Other tests' forgotten holds on this shard may be swept too: at least ours.
+                if hash_[keys.W_HELD] == 0 and swept >= 2 and (settled or 0) >= 3:
                     break
                 await asyncio.sleep(0.02)  # polling a condition with a deadline
     finally:
-        runner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        flusher.stop()
+        async with asyncio.timeout(10):
             await runner
     assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0
     await survivor.drain()
@@ -299,9 +303,16 @@ async def test_cli_flusher_settles_then_drains_on_sigterm(
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        async with asyncio.timeout(20):
-            while await ledger_usage(authority_stub, token, pid) != 21:
-                await asyncio.sleep(0.05)  # polling a condition with a deadline
+        try:
+            async with asyncio.timeout(20):
+                while True:
+                    if await ledger_usage(authority_stub, token, pid) == 21:
+                        break
+                    await asyncio.sleep(0.05)  # polling a condition with a deadline
+        except TimeoutError:
+            proc.kill()
+            _, stderr = await proc.communicate()
+            raise AssertionError(stderr.decode()[-3000:]) from None
         # Committed after the flusher settled the first one: the shutdown drain settles it.
         assert (await engine.commit(await charge(engine, pid), 4)).ok
         proc.send_signal(signal.SIGTERM)

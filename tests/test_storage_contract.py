@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,6 +335,24 @@ async def test_concurrent_mutations_serialize(store: Store) -> None:
     assert await store.verify() == []
 
 
+async def test_cancelled_mutations_leave_the_store_consistent(store: Store) -> None:
+    """A caller that gives up mid-transaction (deadline, disconnect) never wedges the store."""
+    pid = await make_wallet(store, threshold=0)
+    for i in range(25):
+        req = pb.TopUpRequest(request_id=rid(), project_id=pid, amount=1)
+        task = asyncio.create_task(store.top_up(req, NOW))
+        for _ in range(i):
+            await asyncio.sleep(0)  # let it reach a different step each round
+        task.cancel()
+        (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        assert not isinstance(outcome, Exception), outcome  # cancelled or done, nothing else
+    await store.top_up(pb.TopUpRequest(request_id=rid(), project_id=pid, amount=1000), NOW)
+    await store.settle([commit_event(f"k{i}", pid, 1) for i in range(3)], NOW)
+    assert await store.verify() == []
+    entries = await ledger(store, pid)
+    assert (await store.get_wallet(pid)).balance == sum(e.amount for e in entries)
+
+
 # ---------------------------------------------------------------- lifecycle
 
 
@@ -503,14 +520,19 @@ async def test_settle_changes_once_per_wallet_per_batch(store: Store) -> None:
     assert await lifecycle_after(store, cursor) == [(pb.GRACE_STARTED, pb.LOW, pb.GRACE)]
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@pytest.fixture(scope="module", params=BACKENDS)
+def model_backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_dsn: str
+) -> Iterator[Backend]:
+    """One store location for all examples of the model test (each example uses new ids)."""
+    b = make_backend(request.param, tmp_path_factory.mktemp("model"), pg_dsn)
+    yield b
+    asyncio.run(b.drop())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-@pytest.mark.parametrize("backend_name", BACKENDS)
-def test_settle_model_random_batches(backend_name: str, pg_dsn: str, data: st.DataObject) -> None:
+def test_settle_model_random_batches(model_backend: Backend, data: st.DataObject) -> None:
     """Random batches with repeats and reorderings: balances equal the model, replays are no-ops."""
     n_events = data.draw(st.integers(1, 40), label="events")
     universe = [
@@ -532,53 +554,50 @@ def test_settle_model_random_batches(backend_name: str, pg_dsn: str, data: st.Da
         label="batches",
     )
     replay_order = data.draw(st.permutations(range(len(batches))), label="replay order")
-    asyncio.run(_run_settle_model(backend_name, pg_dsn, universe, batches, replay_order))
+    asyncio.run(_run_settle_model(model_backend, universe, batches, replay_order))
 
 
 async def _run_settle_model(
-    backend_name: str,
-    pg_dsn: str,
+    b: Backend,
     universe: list[pb.SettlementEvent],
     batches: list[list[int]],
     replay_order: list[int],
 ) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        b = make_backend(backend_name, Path(tmp), pg_dsn)
-        store = await open_store(b.url)
-        try:
-            suffix = uuid.uuid4().hex[:8]
-            names = {p: f"{p}-{suffix}" for p in ("a", "b", "c", "ghost")}
-            for p in ("a", "b", "c"):
-                await make_wallet(store, names[p], topup=10_000, threshold=1000)
-            seen: set[str] = set()
-            charged = {p: 0 for p in ("a", "b", "c")}
-            for batch in batches:
-                events = [_renamed(universe[i], names) for i in batch]
-                resp = await store.settle(events, NOW)
-                for idx, r in zip(batch, resp.results, strict=True):
-                    e = universe[idx]
-                    if e.project_id == "ghost":
-                        assert r.status == pb.REJECTED
-                    elif e.event_id in seen:
-                        assert r.status == pb.DUPLICATE
-                    else:
-                        assert r.status == pb.APPLIED
-                        charged[e.project_id] += e.amount if e.kind == pb.COMMIT else 0
-                    seen.add(e.event_id)
-            balances = {p: (await store.get_wallet(names[p])).balance for p in charged}
-            assert balances == {p: 10_000 - c for p, c in charged.items()}
-            cursor = await store.last_cursor()
-            for i in replay_order:
-                resp = await store.settle(
-                    [_renamed(universe[j], names) for j in batches[i]], NOW + 5
-                )
-                assert all(r.status in (pb.DUPLICATE, pb.REJECTED) for r in resp.results)
-            assert {p: (await store.get_wallet(names[p])).balance for p in charged} == balances
-            assert await store.last_cursor() == cursor
-            assert await store.verify() == []
-        finally:
-            await store.close()
-            await b.drop()
+    store = await open_store(b.url)
+    try:
+        suffix = uuid.uuid4().hex[:8]
+        names = {p: f"{p}-{suffix}" for p in ("a", "b", "c", "ghost")}
+        for p in ("a", "b", "c"):
+            await make_wallet(store, names[p], topup=10_000, threshold=1000)
+        seen: set[str] = set()
+        charged = {p: 0 for p in ("a", "b", "c")}
+        entries = {p: 1 for p in ("a", "b", "c")}  # the top-up
+        for batch in batches:
+            events = [_renamed(universe[i], names) for i in batch]
+            resp = await store.settle(events, NOW)
+            for idx, r in zip(batch, resp.results, strict=True):
+                e = universe[idx]
+                if e.project_id == "ghost":
+                    assert r.status == pb.REJECTED
+                elif e.event_id in seen:
+                    assert r.status == pb.DUPLICATE
+                else:
+                    assert r.status == pb.APPLIED
+                    charged[e.project_id] += e.amount if e.kind == pb.COMMIT else 0
+                    entries[e.project_id] += e.kind == pb.COMMIT and e.amount > 0
+                seen.add(e.event_id)
+        balances = {p: (await store.get_wallet(names[p])).balance for p in charged}
+        assert balances == {p: 10_000 - c for p, c in charged.items()}
+        cursor = await store.last_cursor()
+        for i in replay_order:
+            resp = await store.settle([_renamed(universe[j], names) for j in batches[i]], NOW + 5)
+            assert all(r.status in (pb.DUPLICATE, pb.REJECTED) for r in resp.results)
+        assert {p: (await store.get_wallet(names[p])).balance for p in charged} == balances
+        assert await store.last_cursor() == cursor
+        assert {p: len(await ledger(store, names[p])) for p in entries} == entries
+        assert await store.verify() == []
+    finally:
+        await store.close()
 
 
 def _renamed(e: pb.SettlementEvent, names: dict[str, str]) -> pb.SettlementEvent:
@@ -795,6 +814,19 @@ async def test_verify_detects_tampering(store: Store, backend: Backend) -> None:
     assert any("stored balance 71 != ledger sum 70" in p for p in problems), problems
     await backend.raw(f"UPDATE wallets SET balance = 70, reserved = 0 WHERE project_id = '{pid}'")
     assert any("reserved" in p for p in await store.verify())
+    # Someone with DDL rights bypasses the append-only guard: the balance_after chain breaks.
+    await backend.raw(f"UPDATE wallets SET reserved = 5 WHERE project_id = '{pid}'")
+    assert await store.verify() == []
+    unguard = (
+        "DROP TRIGGER ledger_no_update"
+        if backend.name == "sqlite"
+        else "ALTER TABLE ledger DISABLE TRIGGER ledger_no_change"
+    )
+    await backend.raw(unguard)
+    await backend.raw(f"UPDATE ledger SET amount = -31 WHERE project_id = '{pid}' AND amount = -30")
+    problems = await store.verify()
+    assert any("balance_after 70 != running sum 69" in p for p in problems), problems
+    assert any("stored balance 70 != ledger sum 69" in p for p in problems), problems
 
 
 async def test_list_wallets_pages_by_organization(store: Store) -> None:
@@ -896,3 +928,48 @@ async def test_bad_urls_are_refused() -> None:
         await open_store("mysql://localhost/db")
     with pytest.raises(InvalidArgument):
         await open_store("postgresql://postgres@127.0.0.1/x?schema=Bad-Name")
+
+
+# ---------------------------------------------------------------- the pure lifecycle rules
+
+
+@given(
+    threshold=st.integers(0, 100),
+    balances=st.lists(st.integers(-50, 150), min_size=1, max_size=30),
+    expire_at=st.sets(st.integers(0, 29)),
+)
+def test_domain_transitions_alert_once_per_crossing(
+    threshold: int, balances: list[int], expire_at: set[int]
+) -> None:
+    policy = domain.Policy(threshold, 60)
+    start = domain.transition(domain.UNSPECIFIED, 0, 0, NOW, policy)
+    assert (start.state, start.grace_until_ms, start.events) == (domain.GRACE, NOW + 60_000, ())
+    state, until = start.state, start.grace_until_ms
+    for i, balance in enumerate(balances):
+        now = NOW + i * 1000
+        t = domain.transition(state, until, balance, now, policy)
+        kinds = [e.kind for e in t.events]
+        crossed = state == domain.HEALTHY and (balance < threshold or balance <= 0)
+        assert kinds.count(pb.LOW_BALANCE_ALERT) == (1 if crossed else 0)
+        assert (pb.GRACE_STARTED in kinds) == (
+            balance <= 0 and state in (domain.HEALTHY, domain.LOW)
+        )
+        assert (pb.WALLET_RESTORED in kinds) == (
+            balance > 0 and state in (domain.GRACE, domain.EXPIRED)
+        )
+        if balance > 0:
+            assert t.state == domain.state_for_balance(balance, threshold) and t.grace_until_ms == 0
+        else:
+            assert t.state in (domain.GRACE, domain.EXPIRED) and t.grace_until_ms > 0
+            assert t.grace_until_ms == (
+                until if state in (domain.GRACE, domain.EXPIRED) else now + 60_000
+            )
+        state, until = t.state, t.grace_until_ms
+        if i in expire_at:
+            e = domain.expire_grace(state, until, balance, now + 60_000)
+            assert (e.state == domain.EXPIRED) == (state in (domain.GRACE, domain.EXPIRED))
+            assert [x.kind for x in e.events] == (
+                [pb.WALLET_EXPIRED] if state == domain.GRACE else []
+            )
+            state = e.state
+        assert domain.state_is_consistent(state, balance, threshold)

@@ -26,7 +26,7 @@ class Tx(Protocol):
     ) -> None: ...
 
     def in_list(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
-        """A `column IN (values)` condition in this dialect and the parameters it takes."""
+        """A `column IN (values)` condition (text values) and the parameters it takes."""
         ...
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from creditservice import domain
-from creditservice.errors import NotFound
+from creditservice.storage import queries
 from creditservice.storage.driver import Tx
-from creditservice.storage.rows import LEDGER, WALLETS, wallet_from_row
+from creditservice.storage.rows import LEDGER
 from creditservice.v1 import credit_pb2 as pb
 
 CHANGE_COLUMNS = ("cursor", "project_id", "occurred_at_ms", "event")
@@ -63,9 +63,7 @@ class Work:
 
     async def next_cursor(self) -> int:
         if self._cursor is None:
-            self._cursor = int(
-                await self.tx.fetchval("SELECT COALESCE(MAX(cursor), 0) FROM changes")
-            )
+            self._cursor = await queries.last_cursor(self.tx)
         self._cursor += 1
         return self._cursor
 
@@ -87,10 +85,7 @@ class Work:
     # ------------------------------------------------------------ wallets
 
     async def wallet(self, project_id: str) -> pb.Wallet:
-        row = await self.tx.fetchrow(f"{WALLETS.select} WHERE project_id = ?", project_id)
-        if row is None:
-            raise NotFound(f"project {project_id!r} has no wallet")
-        return wallet_from_row(row)
+        return await queries.wallet(self.tx, project_id)
 
     def rebalance(self, w: pb.Wallet, new_balance: int) -> tuple[domain.Lifecycle, ...]:
         """Set the balance and the lifecycle state it implies; returns the events to emit."""

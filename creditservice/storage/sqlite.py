@@ -36,6 +36,8 @@ def convert_error(exc: sqlite3.Error) -> ServiceError:
         return FailedPrecondition(f"storage: {text}")
     if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
         return Unavailable(f"storage busy: {text}")
+    if isinstance(exc, sqlite3.ProgrammingError) and "closed" in text:
+        return Unavailable(f"storage closed: {text}")
     return ServiceError(f"storage error: {text}")
 
 
@@ -52,7 +54,8 @@ class _Conn:
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
-            assert self.db is not None
+            if self.db is None:
+                raise sqlite3.ProgrammingError("the store is closed")
             return fn(self.db)
 
         try:
@@ -113,6 +116,11 @@ class _SqliteTx:
         return f"{column} IN ({', '.join('?' * len(values))})", list(values)
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
 class SqliteDriver:
     backend = "sqlite"
 
@@ -142,13 +150,16 @@ class SqliteDriver:
 
     @asynccontextmanager
     async def _transaction(self, conn: _Conn, begin: str) -> AsyncIterator[Tx]:
-        await conn.run(lambda db: db.execute(begin))
+        # A cancelled await does not stop the statement in the thread; the ROLLBACK queued
+        # behind it on the same single-thread executor still undoes it, so the connection is
+        # never left inside a transaction.
         try:
+            await conn.run(lambda db: db.execute(begin))
             yield _SqliteTx(conn)
+            await conn.run(lambda db: db.execute("COMMIT"))
         except BaseException:
-            await conn.run(lambda db: db.execute("ROLLBACK"))
+            await conn.run(_rollback)
             raise
-        await conn.run(lambda db: db.execute("COMMIT"))
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Tx]:

@@ -6,29 +6,19 @@ change log in one transaction; a refused request records its error in a transact
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
-import grpc
 from google.protobuf.message import Message
 
 from creditservice import domain
-from creditservice.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ServiceError,
-    from_code,
-)
+from creditservice.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from creditservice.storage import queries as q
 from creditservice.storage import settle as settle_mod
 from creditservice.storage import transfer
-from creditservice.storage.driver import Driver, Tx
+from creditservice.storage.driver import Driver
+from creditservice.storage.idempotency import RECORDABLE, IdempotencyKey, fingerprint
 from creditservice.storage.journal import Work
 from creditservice.storage.rows import (
     API_KEY_INSERT_COLUMNS,
@@ -45,34 +35,7 @@ from creditservice.v1 import credit_pb2 as pb
 
 R = TypeVar("R", bound=Message)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 _ADJUST_KINDS = (pb.SLA_CREDIT, pb.REFUND, pb.ADJUSTMENT)
-_RECORDABLE = (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition)
-
-
-def fingerprint(req: Message) -> str:
-    """SHA-256 (hex) of the request's deterministic serialization: what "same parameters" means."""
-    return hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
-
-
-def encode_token(kind: str, value: str | int) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode().rstrip("=")
-
-
-def decode_token(kind: str, token: str) -> str:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise InvalidArgument("malformed page_token") from exc
-    prefix, sep, value = raw.partition(":")
-    if prefix != kind or not sep or not value:
-        raise InvalidArgument("malformed page_token")
-    return value
-
-
-def page_size_of(page_size: int) -> int:
-    return DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
 
 
 class SqlStore:
@@ -106,29 +69,23 @@ class SqlStore:
         now_ms: int,
         body: Callable[[Work], Awaitable[R]],
     ) -> R:
-        key = _Request(method, request_id, fingerprint(req))
+        key = IdempotencyKey(method, request_id, fingerprint(req))
         try:
             async with self._driver.write() as tx:
-                prior = await tx.fetchrow(
-                    "SELECT fingerprint, code, message, response FROM idempotency "
-                    "WHERE method = ? AND request_id = ?",
-                    method,
-                    request_id,
-                )
-                if prior is not None:
-                    return _replay(prior, key, resp_type)
-                work = Work(tx, now_ms)
-                resp = await body(work)
-                await key.record(tx, now_ms, response=resp.SerializeToString())
-                await work.flush()
-        except _RECORDABLE as err:
-            # Driver errors (with a driver __cause__) may be transient: only decisions are final.
+                prior = await key.lookup(tx)
+                if prior is None:
+                    work = Work(tx, now_ms)
+                    resp = await body(work)
+                    await key.record(tx, now_ms, response=resp.SerializeToString())
+                    await work.flush()
+        except RECORDABLE as err:
+            # A driver error converted at the boundary carries its cause: not a final decision.
             if err.__cause__ is None:
                 async with self._driver.write() as tx:
-                    await key.record(
-                        tx, now_ms, code=err.code.value[0], message=err.message, conflict_ok=True
-                    )
+                    await key.record(tx, now_ms, error=err)
             raise
+        if prior is not None:
+            return key.replay(prior, resp_type)
         self._notify(work.last_cursor)
         return resp
 
@@ -244,7 +201,7 @@ class SqlStore:
 
     async def delete_quota(self, req: pb.DeleteQuotaRequest, now_ms: int) -> pb.DeleteQuotaResponse:
         async def body(w: Work) -> pb.DeleteQuotaResponse:
-            quota = await _quota(w.tx, req.project_id, req.name)
+            quota = await q.quota(w.tx, req.project_id, req.name)
             await w.tx.execute(
                 "DELETE FROM quotas WHERE project_id = ? AND name = ?", req.project_id, req.name
             )
@@ -294,7 +251,7 @@ class SqlStore:
         amount: int = 0,
         allow_overage: bool = False,
     ) -> tuple[pb.Reservation, pb.Wallet]:
-        res = await _reservation(w.tx, reservation_id)
+        res = await q.reservation(w.tx, reservation_id)
         if res.state != pb.ACTIVE:
             raise FailedPrecondition(
                 f"reservation {reservation_id!r} is {pb.ReservationState.Name(res.state)}"
@@ -309,7 +266,7 @@ class SqlStore:
         res.state = state
         res.committed_amount = amount
         res.ended_at_ms = w.now_ms
-        await _save_reservation(w.tx, res)
+        await q.save_reservation(w.tx, res)
         wallet = await w.wallet(res.project_id)
         wallet.reserved -= res.amount
         return res, wallet
@@ -429,13 +386,13 @@ class SqlStore:
 
     async def get_wallet(self, project_id: str) -> pb.Wallet:
         async with self._driver.read() as tx:
-            return await _wallet(tx, project_id)
+            return await q.wallet(tx, project_id)
 
     async def list_wallets(
         self, organization_id: str, page_size: int, page_token: str
     ) -> tuple[list[pb.Wallet], str]:
-        size = page_size_of(page_size)
-        after = decode_token("w", page_token) if page_token else ""
+        size = q.page_size_of(page_size)
+        after = q.decode_token("w", page_token) if page_token else ""
         where, args = ["project_id > ?"], [after]
         if organization_id:
             where.append("organization_id = ?")
@@ -447,21 +404,21 @@ class SqlStore:
                 size + 1,
             )
         wallets = [wallet_from_row(r) for r in rows[:size]]
-        token = encode_token("w", wallets[-1].project_id) if len(rows) > size else ""
+        token = q.encode_token("w", wallets[-1].project_id) if len(rows) > size else ""
         return wallets, token
 
     async def list_transactions(
         self, project_id: str, page_size: int, page_token: str
     ) -> tuple[list[pb.LedgerEntry], str]:
-        size = page_size_of(page_size)
+        size = q.page_size_of(page_size)
         before = 2**63 - 1
         if page_token:
-            value = decode_token("t", page_token)
+            value = q.decode_token("t", page_token)
             if not value.isdigit():
                 raise InvalidArgument("malformed page_token")
             before = int(value)
         async with self._driver.read() as tx:
-            await _wallet(tx, project_id)
+            await q.wallet(tx, project_id)
             rows = await tx.fetch(
                 f"{LEDGER.select} WHERE project_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
                 project_id,
@@ -469,7 +426,7 @@ class SqlStore:
                 size + 1,
             )
         entries = [LEDGER.from_row(r) for r in rows[:size]]
-        token = encode_token("t", entries[-1].seq) if len(rows) > size else ""
+        token = q.encode_token("t", entries[-1].seq) if len(rows) > size else ""
         return entries, token
 
     async def explain_usage(
@@ -477,7 +434,7 @@ class SqlStore:
     ) -> pb.ExplainUsageResponse:
         until = until_ms if until_ms > 0 else 2**63 - 1
         async with self._driver.read() as tx:
-            wallet = await _wallet(tx, project_id)
+            wallet = await q.wallet(tx, project_id)
             rows = await tx.fetch(
                 "SELECT meter, CAST(-SUM(amount) AS BIGINT), CAST(SUM(quantity) AS BIGINT), "
                 "COUNT(*) FROM ledger WHERE project_id = ? AND kind = ? "
@@ -493,23 +450,23 @@ class SqlStore:
 
     async def get_quota(self, project_id: str, name: str) -> pb.Quota:
         async with self._driver.read() as tx:
-            return await _quota(tx, project_id, name)
+            return await q.quota(tx, project_id, name)
 
     async def list_quotas(self, project_id: str) -> list[pb.Quota]:
         async with self._driver.read() as tx:
-            await _wallet(tx, project_id)
-            return await _quotas(tx, project_id)
+            await q.wallet(tx, project_id)
+            return await q.quotas(tx, project_id)
 
     async def get_reservation(self, reservation_id: str) -> pb.Reservation:
         async with self._driver.read() as tx:
-            return await _reservation(tx, reservation_id)
+            return await q.reservation(tx, reservation_id)
 
     async def get_snapshot(self, project_id: str) -> pb.ProjectSnapshot:
         async with self._driver.read() as tx:
-            wallet = await _wallet(tx, project_id)
-            quotas = await _quotas(tx, project_id)
-            cursor = await tx.fetchval("SELECT COALESCE(MAX(cursor), 0) FROM changes")
-        return pb.ProjectSnapshot(wallet=wallet, quotas=quotas, cursor=int(cursor))
+            wallet = await q.wallet(tx, project_id)
+            quotas = await q.quotas(tx, project_id)
+            cursor = await q.last_cursor(tx)
+        return pb.ProjectSnapshot(wallet=wallet, quotas=quotas, cursor=cursor)
 
     async def resolve_api_key(self, key_hash: str) -> pb.ApiKey:
         async with self._driver.read() as tx:
@@ -531,7 +488,7 @@ class SqlStore:
 
     async def last_cursor(self) -> int:
         async with self._driver.read() as tx:
-            return int(await tx.fetchval("SELECT COALESCE(MAX(cursor), 0) FROM changes"))
+            return await q.last_cursor(tx)
 
     async def oldest_cursor(self) -> int:
         async with self._driver.read() as tx:
@@ -540,7 +497,7 @@ class SqlStore:
     async def prune_changes(self, keep_after_ms: int) -> int:
         """Drop changes older than `keep_after_ms`, always keeping the newest (cursor floor)."""
         async with self._driver.write() as tx:
-            newest = int(await tx.fetchval("SELECT COALESCE(MAX(cursor), 0) FROM changes"))
+            newest = await q.last_cursor(tx)
             count = int(
                 await tx.fetchval(
                     "SELECT COUNT(*) FROM changes WHERE occurred_at_ms < ? AND cursor < ?",
@@ -589,7 +546,7 @@ class SqlStore:
                 res = RESERVATIONS.from_row(row)
                 res.state = pb.EXPIRED_RESERVATION
                 res.ended_at_ms = now_ms
-                await _save_reservation(tx, res)
+                await q.save_reservation(tx, res)
                 released[res.project_id] = released.get(res.project_id, 0) + res.amount
             for project_id, amount in released.items():
                 wallet = await work.wallet(project_id)
@@ -609,92 +566,3 @@ class SqlStore:
 
     async def verify(self) -> list[str]:
         return await transfer.verify(self._driver)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _replay(prior: Sequence[object], key: _Request, resp_type: type[R]) -> R:
-    stored_fp, code, message, response = prior
-    if stored_fp != key.fingerprint:
-        raise FailedPrecondition(
-            f"request_id {key.request_id!r} was used for a different {key.method} request"
-        )
-    if code:
-        raise _error_for(int(str(code)), str(message))
-    assert isinstance(response, bytes | bytearray | memoryview)
-    return resp_type.FromString(bytes(response))
-
-
-def _error_for(code: int, message: str) -> ServiceError:
-    for status in grpc.StatusCode:
-        if status.value[0] == code:
-            return from_code(status, message)
-    return ServiceError(message)
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    """A unary mutation's idempotency key and fingerprint."""
-
-    method: str
-    request_id: str
-    fingerprint: str
-
-    async def record(
-        self,
-        tx: Tx,
-        now_ms: int,
-        *,
-        code: int = 0,
-        message: str = "",
-        response: bytes = b"",
-        conflict_ok: bool = False,
-    ) -> None:
-        sql = (
-            "INSERT INTO idempotency (method, request_id, fingerprint, code, message, response, "
-            "created_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
-        )
-        if conflict_ok:
-            # Two concurrent first attempts can both fail; the first recorded outcome wins.
-            sql += " ON CONFLICT (method, request_id) DO NOTHING"
-        await tx.execute(
-            sql, self.method, self.request_id, self.fingerprint, code, message, response, now_ms
-        )
-
-
-async def _wallet(tx: Tx, project_id: str) -> pb.Wallet:
-    row = await tx.fetchrow(f"{WALLETS.select} WHERE project_id = ?", project_id)
-    if row is None:
-        raise NotFound(f"project {project_id!r} has no wallet")
-    return wallet_from_row(row)
-
-
-async def _quota(tx: Tx, project_id: str, name: str) -> pb.Quota:
-    row = await tx.fetchrow(f"{QUOTAS.select} WHERE project_id = ? AND name = ?", project_id, name)
-    if row is None:
-        raise NotFound(f"project {project_id!r} has no quota {name!r}")
-    return QUOTAS.from_row(row)
-
-
-async def _quotas(tx: Tx, project_id: str) -> list[pb.Quota]:
-    rows = await tx.fetch(f"{QUOTAS.select} WHERE project_id = ? ORDER BY name", project_id)
-    return [QUOTAS.from_row(r) for r in rows]
-
-
-async def _reservation(tx: Tx, reservation_id: str) -> pb.Reservation:
-    row = await tx.fetchrow(f"{RESERVATIONS.select} WHERE reservation_id = ?", reservation_id)
-    if row is None:
-        raise NotFound(f"reservation {reservation_id!r} not found")
-    return RESERVATIONS.from_row(row)
-
-
-async def _save_reservation(tx: Tx, res: pb.Reservation) -> None:
-    await tx.execute(
-        "UPDATE reservations SET state = ?, committed_amount = ?, ended_at_ms = ? "
-        "WHERE reservation_id = ?",
-        res.state,
-        res.committed_amount,
-        res.ended_at_ms,
-        res.reservation_id,
-    )

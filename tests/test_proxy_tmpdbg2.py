@@ -1,0 +1,501 @@
+"""The standalone gateway: a streaming reverse proxy with the plugin, real Redis + authority."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
+
+from admission import keys
+from admission.policy import parse_policy
+from creditservice.server import AuthorityServer
+from gateway_plugin.config import GatewayConfig
+from gateway_plugin.plugin import GATEWAY_KEY
+from gateway_plugin.proxy import (
+    ProxyConfig,
+    build_gateway_app,
+    downstream_response_headers,
+    upstream_request_headers,
+    upstream_url,
+)
+from tests.fixtures_gateway import ProjectFactory, bearer, usage_sum
+from tests.services import RedisProcess, free_port, wait_for_port
+
+COST = 5
+POLICY = f"""
+[settings]
+shards = 4
+unmatched = "deny"
+
+[quotas.concurrent]
+kind = "concurrency"
+limit = 50
+
+[[routes]]
+name = "api"
+method = "*"
+path = "/v1/**"
+cost = {COST}
+quotas = ["concurrent"]
+
+[[routes]]
+name = "open"
+method = "GET"
+path = "/open"
+"""
+
+CHUNK = 64 * 1024
+CHUNKS = 64  # 4 MiB each way
+
+
+# ---------------------------------------------------------------- pure header rules
+
+
+def test_hop_by_hop_and_credentials_are_not_forwarded() -> None:
+    headers = CIMultiDict(
+        [
+            ("Host", "gw.example"),
+            ("Connection", "keep-alive, X-Hop"),
+            ("X-Hop", "secret"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Authorization", "Basic abc"),
+            ("Proxy-Connection", "keep-alive"),
+            ("TE", "trailers"),
+            ("Trailer", "X-Sum"),
+            ("Transfer-Encoding", "chunked"),
+            ("Upgrade", "websocket"),
+            ("Authorization", "Bearer cg_" + "a" * 43),
+            ("X-Api-Key", "cg_" + "b" * 43),
+            ("X-Creditgate-Project", "someone-else"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("Accept", "application/json"),
+            ("X-Custom", "1"),
+            ("X-Custom", "2"),
+        ]
+    )
+    out = upstream_request_headers(
+        headers, peer="10.0.0.9", scheme="http", host="gw.example", project_id="p1"
+    )
+    for gone in (
+        "Host",
+        "Connection",
+        "X-Hop",
+        "Keep-Alive",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Authorization",
+        "X-Api-Key",
+    ):
+        assert gone not in out, gone
+    assert out["X-Creditgate-Project"] == "p1"
+    assert out["X-Forwarded-For"] == "10.0.0.9"  # the client's own claim is not trusted
+    assert out["X-Forwarded-Proto"] == "http"
+    assert out["X-Forwarded-Host"] == "gw.example"
+    assert out["Accept"] == "application/json"
+    assert out.getall("X-Custom") == ["1", "2"]
+
+    trusted = upstream_request_headers(
+        headers, peer="10.0.0.9", scheme="http", host="gw", project_id=None, trust_forwarded=True
+    )
+    assert trusted["X-Forwarded-For"] == "6.6.6.6, 10.0.0.9"
+    assert "X-Creditgate-Project" not in trusted
+
+
+def test_other_authorization_schemes_pass_through() -> None:
+    out = upstream_request_headers(
+        {"Authorization": "Basic dXNlcjpwdw=="},
+        peer=None,
+        scheme="https",
+        host=None,
+        project_id=None,
+    )
+    assert out["Authorization"] == "Basic dXNlcjpwdw=="
+    assert "X-Forwarded-For" not in out
+
+
+def test_response_hop_by_hop_removed() -> None:
+    out = downstream_response_headers(
+        CIMultiDict(
+            [
+                ("Connection", "close, X-Private"),
+                ("X-Private", "1"),
+                ("Keep-Alive", "x"),
+                ("Transfer-Encoding", "chunked"),
+                ("Content-Type", "text/plain"),
+                ("Set-Cookie", "a=1"),
+                ("Set-Cookie", "b=2"),
+            ]
+        )
+    )
+    assert list(out.items()) == [
+        ("Content-Type", "text/plain"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+    ]
+
+
+def test_upstream_url_keeps_prefix_and_raw_target() -> None:
+    assert str(upstream_url("http://u:1/base/", "/v1/a%2Fb?x=1&y=%20")) == (
+        "http://u:1/base/v1/a%2Fb?x=1&y=%20"
+    )
+
+
+# ---------------------------------------------------------------- the proxy, end to end
+
+
+class Upstream:
+    """A real aiohttp upstream whose handlers record what reached them."""
+
+    def __init__(self) -> None:
+        self.seen_headers: list[CIMultiDict[str]] = []
+        self.first_upload_chunk = asyncio.Event()
+        self.client_got_first_chunk = asyncio.Event()
+        self.never = asyncio.Event()
+        self.hanging = asyncio.Event()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/echo", self.echo)
+        app.router.add_get("/open", self.echo)
+        app.router.add_post("/v1/upload", self.upload)
+        app.router.add_get("/v1/download", self.download)
+        app.router.add_get("/v1/hang", self.hang)
+        app.router.add_get("/v1/fail", self.fail)
+        app.router.add_get("/v1/hop", self.hop)
+        return app
+
+    async def echo(self, request: web.Request) -> web.Response:
+        self.seen_headers.append(CIMultiDict(request.headers))
+        return web.json_response({"path": request.path_qs})
+
+    async def upload(self, request: web.Request) -> web.Response:
+        self.seen_headers.append(CIMultiDict(request.headers))
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            if not self.first_upload_chunk.is_set():
+                self.first_upload_chunk.set()
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response({"size": size, "sha256": digest.hexdigest()})
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        await response.write(b"\x01" * CHUNK)
+        # The rest is written only once the client has the first chunk: a buffering proxy
+        # would deadlock here, and the test's deadline would fail it.
+        await asyncio.wait_for(self.client_got_first_chunk.wait(), 20)
+        for _ in range(CHUNKS - 1):
+            await response.write(b"\x01" * CHUNK)
+        await response.write_eof()
+        return response
+
+    async def hang(self, request: web.Request) -> web.Response:
+        self.hanging.set()
+        await self.never.wait()
+        return web.Response(text="never")
+
+    async def fail(self, request: web.Request) -> web.Response:
+        return web.json_response({"error": "upstream broke"}, status=503)
+
+    async def hop(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text="ok",
+            headers={"Connection": "X-Private", "X-Private": "1", "X-Public": "2"},
+        )
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> AsyncIterator[tuple[Upstream, TestServer]]:
+    up = Upstream()
+    server = await aiohttp_server(up.app())
+    yield up, server
+    up.never.set()
+
+
+GatewayMaker = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def make_gateway(
+    authority: AuthorityServer, redis_proc: RedisProcess, aiohttp_client: Any
+) -> GatewayMaker:
+    # aiohttp_client last: the gateway stops (and drains its outbox) before the authority.
+    async def make(upstream_base: str, **proxy: Any) -> TestClient[web.Request, web.Application]:
+        cfg = GatewayConfig(
+            policy=parse_policy(POLICY, "proxy-policy.toml"),
+            redis_url=redis_proc.url,
+            authority_target=authority.grpc_target,
+            authority_token=authority.config.admin_token,
+            gateway_id=f"proxy-{uuid.uuid4().hex[:8]}",
+            registry=CollectorRegistry(),
+        )
+        app = build_gateway_app(cfg, ProxyConfig(upstream=upstream_base, **proxy))
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+        return client
+
+    return make
+
+
+async def settle(client: TestClient[web.Request, web.Application]) -> None:
+    state = client.app[GATEWAY_KEY]
+    await state.wait_settled(10)
+    assert state.flusher is not None
+    await state.flusher.drain(10)
+
+
+async def wait_usage(
+    stub: Any, token: str, project: str, expected: tuple[int, int], deadline_s: float = 15.0
+) -> None:
+    """Poll the authority's ledger until it shows `expected` (sum, entries), with a deadline.
+
+    The flusher's run loop may hold a batch in flight while drain() runs, so drain() alone is
+    not proof that everything reached the authority.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    while True:
+        got = await usage_sum(stub, token, project)
+        if got == expected or loop.time() > end:
+            assert got == expected
+            return
+        await asyncio.sleep(0.02)  # polling the ledger with a deadline
+
+
+def wallet_key(project: str) -> str:
+    return keys.wallet(keys.shard_of(project, 4), project)
+
+
+def base_url(server: TestServer) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
+async def test_streaming_both_ways_and_ledger(
+    upstream: tuple[Upstream, TestServer],
+    make_gateway: GatewayMaker,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: Any,
+) -> None:
+    up, server = upstream
+    client = await make_gateway(base_url(server))
+    project, secret = await project_factory(1000)
+
+    # Upload: the second half is sent only after the upstream saw the first chunk.
+    payload = [bytes([i % 251]) * CHUNK for i in range(CHUNKS)]
+
+    async def body() -> AsyncIterator[bytes]:
+        yield payload[0]
+        await asyncio.wait_for(up.first_upload_chunk.wait(), 20)
+        for part in payload[1:]:
+            yield part
+
+    async with client.post("/v1/upload", data=body(), headers=bearer(secret)) as r:
+        assert r.status == 200, await r.text()
+        got = await r.json()
+    assert got == {"size": CHUNK * CHUNKS, "sha256": hashlib.sha256(b"".join(payload)).hexdigest()}
+    assert up.seen_headers[-1]["Transfer-Encoding"] == "chunked"
+
+    async with client.get("/v1/download", headers=bearer(secret)) as r:
+        assert r.status == 200
+        assert r.headers.get("Transfer-Encoding") == "chunked"
+        first = await r.content.readexactly(CHUNK)
+        up.client_got_first_chunk.set()
+        rest = await r.content.read()
+    assert len(first) + len(rest) == CHUNK * CHUNKS
+
+    async with client.get("/v1/fail", headers=bearer(secret)) as r:
+        assert r.status == 503
+        assert await r.json() == {"error": "upstream broke"}
+
+    await settle(client)
+    # The 503 released its hold: only the upload and the download are charged.
+    await wait_usage(authority_stub, authority.config.admin_token, project, (2 * COST, 2))
+
+
+async def test_headers_forwarded_and_credential_kept_at_the_gateway(
+    upstream: tuple[Upstream, TestServer],
+    make_gateway: GatewayMaker,
+    project_factory: ProjectFactory,
+) -> None:
+    up, server = upstream
+    client = await make_gateway(base_url(server))
+    project, secret = await project_factory(1000)
+    headers = {
+        **bearer(secret),
+        "X-Creditgate-Project": "not-me",
+        "X-Drop-Me": "1",
+        "X-Keep": "yes",
+    }
+    async with client.get("/v1/echo?q=a%20b", headers=headers) as r:
+        assert r.status == 200
+        assert await r.json() == {"path": "/v1/echo?q=a%20b"}
+        assert "RateLimit-Policy" in r.headers  # the plugin's headers reach the client
+    seen = up.seen_headers[-1]
+    assert seen["X-Creditgate-Project"] == project
+    assert "Authorization" not in seen
+    assert "X-Api-Key" not in seen
+    assert "X-Drop-Me" not in seen
+    assert seen["X-Keep"] == "yes"
+    assert seen["X-Forwarded-For"] == "127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"].startswith("127.0.0.1:")
+
+    async with client.get("/v1/echo", headers={"X-Api-Key": secret}) as r:
+        assert r.status == 200
+    seen = up.seen_headers[-1]
+    assert "X-Api-Key" not in seen
+    assert seen["X-Creditgate-Project"] == project
+
+    async with client.get("/v1/hop", headers=bearer(secret)) as r:
+        assert r.status == 200
+        assert r.headers["X-Public"] == "2"
+        assert "X-Private" not in r.headers
+
+    # A free route: the project named upstream is still the resolved one, never the client's.
+    async with client.get("/open", headers={**bearer(secret), "X-Creditgate-Project": "x"}) as r:
+        assert r.status == 200
+    assert up.seen_headers[-1].getall("X-Creditgate-Project") == [project]
+
+
+async def test_upstream_down_is_502_and_released(
+    make_gateway: GatewayMaker,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: Any,
+) -> None:
+    client = await make_gateway(f"http://127.0.0.1:{free_port()}", connect_timeout=2)
+    project, secret = await project_factory(1000)
+    async with client.get("/v1/echo", headers=bearer(secret)) as r:
+        assert r.status == 502
+        assert r.content_type == "application/problem+json"
+        problem = await r.json()
+    assert problem["type"].endswith("upstream-unreachable")
+    assert problem["status"] == 502
+    async with client.get("/v1/open-but-unreachable", headers=bearer(secret)) as r:
+        assert r.status == 502
+    await settle(client)
+    wallet = await client.app[GATEWAY_KEY].redis.hgetall(wallet_key(project))
+    assert int(wallet[b"held"]) == 0 and int(wallet[b"uns"]) == 0  # both holds released
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (0, 0)
+
+
+async def test_upstream_timeout_is_504_and_released(
+    upstream: tuple[Upstream, TestServer],
+    make_gateway: GatewayMaker,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: Any,
+) -> None:
+    up, server = upstream
+    client = await make_gateway(base_url(server), read_timeout=0.3)
+    project, secret = await project_factory(1000)
+    async with client.get("/v1/hang", headers=bearer(secret)) as r:
+        assert r.status == 504
+        problem = await r.json()
+    assert up.hanging.is_set()
+    assert problem["type"].endswith("upstream-timeout")
+    async with client.get("/v1/echo", headers=bearer(secret)) as r:
+        assert r.status == 200
+    await settle(client)
+    # Only the request that got an answer is charged; the timed-out one was released.
+    await wait_usage(authority_stub, authority.config.admin_token, project, (COST, 1))
+
+
+# ---------------------------------------------------------------- --workers 2
+
+
+async def test_workers_smoke(
+    tmp_path: Path,
+    upstream: tuple[Upstream, TestServer],
+    redis_proc: RedisProcess,
+    authority: AuthorityServer,
+    authority_stub: Any,
+    project_factory: ProjectFactory,
+) -> None:
+    _, server = upstream
+    project, secret = await project_factory(1000)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY, encoding="utf-8")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway_plugin.cli",
+        "gateway",
+        "serve",
+        "--workers",
+        "2",
+        "--policy",
+        str(policy),
+        "--upstream",
+        base_url(server),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--redis",
+        redis_proc.url,
+        "--authority",
+        authority.grpc_target,
+        "--token",
+        authority.config.admin_token,
+        "--shutdown-timeout",
+        "5",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        await asyncio.to_thread(wait_for_port, port, 30.0)
+        # Both workers must be listening before the count below means anything.
+        banners: list[bytes] = []
+        assert proc.stdout is not None
+        while len(banners) < 2:
+            banners.append(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert all(b"creditgate gateway pid" in b for b in banners), banners
+        requests = 12
+        # A fresh connection per request lets the kernel spread them over both workers.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            for i in range(requests):
+                async with http.get(
+                    f"http://127.0.0.1:{port}/v1/echo?i={i}", headers=bearer(secret)
+                ) as r:
+                    assert r.status == 200, await r.text()
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                assert r.status == 200
+                metrics = await r.text()
+        admitted = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("creditgate_decisions_total{") and 'outcome="admitted"' in line
+        ]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in admitted) == requests, admitted
+        proc.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    # The workers' cleanups drained their outboxes into the authority before exiting.
+    token = authority.config.admin_token
+    await wait_usage(authority_stub, token, project, (requests * COST, requests), 5)
