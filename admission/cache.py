@@ -38,6 +38,18 @@ _WALLET_KEY = re.compile(
 )
 
 
+def honour_cancellation() -> None:
+    """Re-raise a cancellation that a library swallowed.
+
+    redis-py 8.1 can turn the CancelledError of a command cut in half into a connection error
+    and retry the command; the task then goes on with cancelling() > 0. Long-lived loops call
+    this once per round so that cancel() still ends them.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def lua_source(name: str) -> str:
     """A script of admission/lua, read as package data."""
     return resources.files("admission").joinpath("lua", name).read_text(encoding="utf-8")
@@ -83,18 +95,19 @@ class SnapshotStore:
         return bool(int(cached)), bool(int(written))
 
     async def fill(
-        self, snapshot: pb.ProjectSnapshot, unsettled_limit: int | None, *, repair: bool = False
+        self, snapshot: pb.ProjectSnapshot, unsettled_limit: int | None, *, mode: str = "fill"
     ) -> bool:
         """Write a whole snapshot (creating the wallet when missing); True if the wallet changed.
 
         `unsettled_limit` None leaves unsl unset: admit.lua then uses the policy's limit.
-        `repair` also rewrites a wallet of the same version (reconcile, lifecycle refresh).
+        `mode` "repair" also rewrites a wallet of the same version (reconcile, lifecycle
+        refresh); "reset" writes it whatever the cached version (resync).
         """
         pairs: list[Any] = []
         for quota in snapshot.quotas:
             pairs += [quota.name, quota_value(quota)]
         unsl = "" if unsettled_limit is None else unsettled_limit
-        args = ["repair" if repair else "fill", *wallet_args(snapshot.wallet), unsl]
+        args = [mode, *wallet_args(snapshot.wallet), unsl]
         _, written = await self._call(snapshot.wallet.project_id, [*args, *pairs])
         return written
 
@@ -171,21 +184,24 @@ class CacheFiller:
 
     async def fill(self, project_id: str) -> bool:
         """Fill the project's snapshot; False when the authority does not know the project."""
-        return await self._single_flight(project_id, repair=False)
+        return await self._single_flight(project_id, "fill")
 
-    async def refresh(self, project_id: str) -> bool:
-        """A fill that starts after every change seen so far (waits out a fill in flight)."""
+    async def refresh(self, project_id: str, *, reset: bool = False) -> bool:
+        """A fill that starts after every change seen so far (waits out a fill in flight).
+
+        `reset` overwrites the cached wallet even when its version is higher (resync).
+        """
         while (pending := self._inflight.get(project_id)) is not None:
             await asyncio.wait([pending])
-        return await self._single_flight(project_id, repair=True)
+        return await self._single_flight(project_id, "reset" if reset else "repair")
 
-    async def _single_flight(self, project_id: str, *, repair: bool) -> bool:
+    async def _single_flight(self, project_id: str, mode: str) -> bool:
         fut = self._inflight.get(project_id)
         if fut is None:
             # Buffering starts before the authority call, so no event between the snapshot
             # read and its write slips past unapplied.
             self._buffers[project_id] = []
-            fut = asyncio.ensure_future(self._fill(project_id, repair))
+            fut = asyncio.ensure_future(self._fill(project_id, mode))
             self._inflight[project_id] = fut
             fut.add_done_callback(lambda f: self._done(project_id, f))
         else:
@@ -200,19 +216,22 @@ class CacheFiller:
         if not fut.cancelled():
             fut.exception()  # retrieved here: every waiter may have been cancelled
 
-    async def _fill(self, project_id: str, repair: bool) -> bool:
+    async def _fill(self, project_id: str, mode: str) -> bool:
         try:
             snapshot = await self.authority.get_snapshot(project_id)
         except AuthorityUnavailable:
             self._metrics.cache_fills.labels(result="unavailable").inc()
             raise
-        except Exception:
+        except AuthorityRequestFailed as err:
+            # e.g. a gateway token the authority refuses: to admission the authority is as
+            # good as unreachable (ports.SnapshotFiller promises only AuthorityUnavailable).
             self._metrics.cache_fills.labels(result="error").inc()
-            raise
+            log.error("cache fill of %s refused by the authority: %s", project_id, err)
+            raise AuthorityUnavailable(str(err)) from err
         if snapshot is None:
             self._metrics.cache_fills.labels(result="unknown").inc()
             return False
-        await self.store.fill(snapshot, self.unsettled_limit(snapshot.wallet), repair=repair)
+        await self.store.fill(snapshot, self.unsettled_limit(snapshot.wallet), mode=mode)
         self._metrics.cache_fills.labels(result="filled").inc()
         await self._replay(project_id, snapshot.cursor)
         return True
@@ -266,14 +285,14 @@ class CacheFiller:
         if not task.cancelled() and (err := task.exception()) is not None:
             log.warning("%s failed: %r", what, err)
 
-    async def refresh_all(self, concurrency: int = 16) -> int:
+    async def refresh_all(self, concurrency: int = 16, *, reset: bool = True) -> int:
         """Re-read every cached project from the authority (Watch resync). Returns the count."""
         limit = asyncio.Semaphore(concurrency)
         count = 0
 
         async def one(project_id: str) -> None:
             async with limit:
-                await self.refresh(project_id)
+                await self.refresh(project_id, reset=reset)
 
         async with asyncio.TaskGroup() as group:
             async for project_id in self.store.cached_projects():
@@ -337,12 +356,16 @@ class WatchSubscriber:
         self.resyncs = 0
         self._metrics: AuthorityMetrics = authority_metrics(registry)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self.run(), name="creditgate-watch")
 
     async def aclose(self) -> None:
+        # The flag ends the loop even if redis-py turns the cancellation of a command into a
+        # connection error (it can), which the loop would otherwise take for an outage.
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -368,7 +391,7 @@ class WatchSubscriber:
         backoff = self.backoff_initial_s
         first = True
         try:
-            while True:
+            while not self._stopping:
                 try:
                     async for event in self._stream():
                         backoff = self.backoff_initial_s
@@ -378,6 +401,7 @@ class WatchSubscriber:
                                 self.filler.spawn(self._resync("start"), "resync on start")
                             first = False
                         await self.handle(event)
+                        honour_cancellation()
                     log.info("Watch stream ended by the authority; reconnecting")
                 except (
                     AuthorityUnavailable,
@@ -387,6 +411,9 @@ class WatchSubscriber:
                 ) as err:
                     log.warning("Watch stream interrupted at cursor %d: %r", self.cursor, err)
                 self._set_connected(False)
+                if self._stopping:
+                    return
+                honour_cancellation()
                 self._metrics.watch_reconnects.inc()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
@@ -423,6 +450,9 @@ class WatchSubscriber:
         elif which == "resync":
             log.warning("Watch asks for a resync: %s", event.resync.reason)
             self.filler.spawn(self._resync(event.resync.reason), "resync")
+            # The authority's log restarts here (it may be behind our old cursor).
+            self.cursor = event.cursor
+            return
         self.cursor = max(self.cursor, event.cursor)
 
     async def _resync(self, why: str) -> None:
@@ -449,13 +479,20 @@ class Reconciler:
         self.store = filler.store
         self.interval_s = interval_s
         self._metrics = authority_metrics(registry)
+        self._stopping = False
+
+    def stop(self) -> None:
+        """End run() after the current pass (then cancel its task: it may be sleeping)."""
+        self._stopping = True
 
     async def run(self) -> None:
-        while True:
+        while not self._stopping:
+            honour_cancellation()
             await asyncio.sleep(self.interval_s)
             try:
                 await self.run_once()
             except (AuthorityUnavailable, AuthorityRequestFailed, RedisError) as err:
+                honour_cancellation()
                 log.warning("reconcile pass failed: %r", err)
 
     async def run_once(self) -> list[str]:

@@ -128,19 +128,23 @@ async def _run(args: argparse.Namespace, shards: int, policy: Policy | None) -> 
         )
         flushing = asyncio.create_task(flusher.run(), name="flusher")
         tasks: list[asyncio.Task[None]] = []
+        watch = WatchSubscriber(filler)
+        reconciler = Reconciler(filler)
         if not args.no_watch:
-            tasks.append(asyncio.create_task(WatchSubscriber(filler).run(), name="watch"))
-            tasks.append(asyncio.create_task(Reconciler(filler).run(), name="reconcile"))
+            await watch.start()
+            tasks.append(asyncio.create_task(reconciler.run(), name="reconcile"))
         log.info(
             "flusher %s running: %d shards, authority %s", flusher.consumer, shards, args.authority
         )
         await stop.wait()
         log.info("shutting down: draining the outbox (at most %.1fs)", args.drain_timeout)
+        reconciler.stop()
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await watch.aclose()
         flusher.stop()
         await flushing
         drained = await flusher.drain(args.drain_timeout)

@@ -6,9 +6,10 @@ Turns requests into batched Redis script operations and their results into Decis
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
-import uuid
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
@@ -22,7 +23,7 @@ from admission.decision import (
     SettleOutcome,
 )
 from admission.errors import AuthorityUnavailable, StoreUnavailable
-from admission.policy import MAX_AMOUNT, Policy, Route
+from admission.policy import MAX_AMOUNT, Policy, QuotaDef, Route
 from admission.ports import SnapshotFiller
 from admission.store import (
     AdmitOp,
@@ -79,6 +80,9 @@ class AdmissionEngine:
         self._store = Store(redis, gateway_id=gateway_id)
         self._batcher = Batcher(self._store, self._orphaned)
         self._background: set[asyncio.Task[SettleOutcome]] = set()
+        self._id_prefix = secrets.token_hex(10)
+        self._seq = itertools.count(1)
+        self._quota_defs: dict[tuple[str, ...], tuple[QuotaDef, ...]] = {}
         self.stats = EngineStats(self._store.stats)
 
     # -- requests ---------------------------------------------------------------------------
@@ -123,18 +127,24 @@ class AdmissionEngine:
         return None
 
     def _op(self, req: AdmitRequest) -> AdmitOp:
+        quotas = self._quota_defs.get(req.quotas)
+        if quotas is None:
+            quotas = tuple(self.policy.quotas[q] for q in req.quotas)
+            self._quota_defs[req.quotas] = quotas
         return AdmitOp(
-            shard=self.shard_of(req.project_id),
-            project_id=req.project_id,
-            op_id=uuid.uuid4().hex,
-            cost=req.cost,
-            weight=req.quota_weight,
-            ttl_ms=req.hold_ttl_seconds * 1000,
-            meter=req.meter,
-            route=req.route,
-            allow_overage=req.allow_overage,
-            unsettled_limit=self.policy.settings.unsettled_limit,
-            quotas=tuple(self.policy.quotas[q] for q in req.quotas),
+            self.shard_of(req.project_id),
+            req.project_id,
+            # Unique across processes and restarts (random prefix) and cheap (a counter): the id
+            # is the hold id and the outbox event id the authority deduplicates on.
+            f"{self._id_prefix}{next(self._seq):x}",
+            req.cost,
+            req.quota_weight,
+            req.hold_ttl_seconds * 1000,
+            req.meter,
+            req.route,
+            req.allow_overage,
+            self.policy.settings.unsettled_limit,
+            quotas,
         )
 
     # -- admit ------------------------------------------------------------------------------
@@ -146,6 +156,7 @@ class AdmissionEngine:
             return Decision(False, Reason.INVALID_REQUEST, req.project_id, detail=problem)
         self.stats.admits += 1
         op = self._op(req)
+        unavailable = self.policy.settings.unavailable_retry_after_seconds
         try:
             res = await self._submit(op)
             if res.status is AdmitStatus.COLD:
@@ -153,29 +164,15 @@ class AdmissionEngine:
                 try:
                     known = await self._filler.fill(req.project_id)
                 except AuthorityUnavailable as exc:
-                    return Decision(
-                        False,
-                        Reason.UNAVAILABLE,
-                        req.project_id,
-                        retry_after_seconds=self.policy.settings.unavailable_retry_after_seconds,
-                        detail=f"project not cached and the authority is unreachable: {exc}",
-                    )
+                    detail = f"project not cached and the authority is unreachable: {exc}"
+                    return _deny(req, Reason.UNAVAILABLE, unavailable, detail)
                 if not known:
-                    return Decision(
-                        False,
-                        Reason.UNKNOWN_PROJECT,
-                        req.project_id,
-                        detail="the authority does not know this project",
-                    )
+                    detail = "the authority does not know this project"
+                    return _deny(req, Reason.UNKNOWN_PROJECT, None, detail)
                 res = await self._submit(op)
                 if res.status is AdmitStatus.COLD:
-                    return Decision(
-                        False,
-                        Reason.UNAVAILABLE,
-                        req.project_id,
-                        retry_after_seconds=self.policy.settings.unavailable_retry_after_seconds,
-                        detail="the project snapshot is still missing after a cache fill",
-                    )
+                    detail = "the project snapshot is still missing after a cache fill"
+                    return _deny(req, Reason.UNAVAILABLE, unavailable, detail)
         except (StoreUnavailable, RedisError, OSError) as exc:
             return self._redis_down(req, exc)
         return self._decision(req, op, res)
@@ -206,13 +203,9 @@ class AdmissionEngine:
                 shadow=req.shadow,
                 detail=f"redis unavailable: {exc}",
             )
-        return Decision(
-            False,
-            Reason.UNAVAILABLE,
-            req.project_id,
-            retry_after_seconds=self.policy.settings.unavailable_retry_after_seconds,
-            detail=f"redis unavailable: {exc}",
-        )
+        retry = self.policy.settings.unavailable_retry_after_seconds
+        decision = _deny(req, Reason.UNAVAILABLE, retry, f"redis unavailable: {exc}")
+        return replace(decision, degraded=decision.admitted)
 
     def _decision(self, req: AdmitRequest, op: AdmitOp, res: AdmitResult) -> Decision:
         s = self.policy.settings
@@ -348,6 +341,15 @@ class AdmissionEngine:
             await self._batcher.drain()
             if self._background:
                 await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _deny(req: AdmitRequest, reason: Reason, retry: int | None, detail: str) -> Decision:
+    """A denial decided outside the scripts; a shadow route records it and admits."""
+    if req.shadow:
+        return Decision(
+            True, Reason.ADMITTED, req.project_id, shadow=True, would_deny=reason, detail=detail
+        )
+    return Decision(False, reason, req.project_id, retry_after_seconds=retry, detail=detail)
 
 
 def _outcome(res: SettleResult) -> SettleOutcome:

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityRequestFailed
-from admission.cache import RedisClient, lua_source, wallet_args
+from admission.cache import RedisClient, honour_cancellation, lua_source, wallet_args
 from admission.errors import AuthorityUnavailable
 from admission.metrics import authority_metrics
 from creditservice.v1 import credit_pb2 as pb
@@ -480,9 +480,8 @@ class Flusher:
                 await self._stopping.wait()
 
     async def run(self) -> None:
-        """Flush until stop() (or cancellation); errors back off (capped, exponential), their
-        entries stay pending. Prefer stop(): redis-py can lose a cancellation that lands in
-        the middle of a command (it retries the command instead).
+        """Flush until stop() or cancellation; errors back off (capped, exponential), their
+        entries stay pending. stop() is the gentler way: it never cuts a Redis command.
         """
         self._stopping.clear()
         sweeper = None
@@ -492,6 +491,7 @@ class Flusher:
         next_observe = 0.0
         try:
             while not self._stopping.is_set():
+                honour_cancellation()
                 try:
                     if time.monotonic() >= next_observe:
                         next_observe = time.monotonic() + self.observe_interval_s
@@ -499,6 +499,7 @@ class Flusher:
                     await self.flush_once(block=True)
                     backoff = self.backoff_initial_s
                 except (AuthorityUnavailable, AuthorityRequestFailed, RedisError) as err:
+                    honour_cancellation()
                     log.warning("flush failed, retrying in %.2fs: %r", backoff, err)
                     await self._pause(backoff)
                     backoff = min(backoff * 2, self.backoff_max_s)
@@ -522,11 +523,13 @@ class Flusher:
     async def _sweep_loop(self) -> None:
         assert self.sweeper is not None
         while not self._stopping.is_set():
+            honour_cancellation()
             try:
                 swept = await self.sweeper.sweep_expired()
                 if swept:
                     self._metrics.holds_swept.inc(swept)
             except Exception as err:  # the loop must outlive a failed pass
+                honour_cancellation()
                 log.warning("hold sweep failed: %r", err)
             await self._pause(self.sweep_interval_ms / 1000)
 

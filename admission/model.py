@@ -231,7 +231,7 @@ class Model:
                 )
             else:
                 outcomes.append(QuotaOutcome(q.name, q.kind, q.limit, 0, remaining, 0))
-        low = wallet.snap - wallet.uns - wallet.held <= wallet.low
+        low = wallet.snap - wallet.uns - wallet.held < wallet.low
         return AdmitOutcome(
             ADMITTED if admitted else DENIED,
             reason,

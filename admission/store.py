@@ -24,6 +24,7 @@ Client: TypeAlias = "aioredis.Redis | aioredis.RedisCluster"
 
 # A script call with hundreds of operations blocks Redis for its whole run; split bigger batches.
 MAX_OPS_PER_CALL = 128
+_KEY_CACHE_MAX = 50_000
 
 _REASONS = {
     0: Reason.ADMITTED,
@@ -42,6 +43,11 @@ class AdmitStatus(enum.IntEnum):
     COLD = 2
 
 
+# Lua integers arrive as Python ints (RESP integer replies): plain dict lookups, no int() calls.
+_STATUSES = {int(s): s for s in AdmitStatus}
+_STATES = {int(s): s for s in WalletState}
+
+
 class SettleStatus(enum.IntEnum):
     ENDED = 0
     UNKNOWN = 1
@@ -51,7 +57,8 @@ class SettleStatus(enum.IntEnum):
     NOT_DUE = 5
 
 
-@dataclass(frozen=True, slots=True)
+# Internal hot-path records: plain slots (a frozen __init__ costs an object.__setattr__ per field).
+@dataclass(slots=True)
 class AdmitOp:
     shard: int
     project_id: str
@@ -66,7 +73,7 @@ class AdmitOp:
     quotas: tuple[QuotaDef, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AdmitResult:
     status: AdmitStatus
     reason: Reason
@@ -146,6 +153,7 @@ class Store:
             for name in ("admit", "settle", "sweep")
         }
         self.stats = StoreStats()
+        self._key_cache: dict[tuple[str, tuple[QuotaDef, ...]], list[str]] = {}
 
     @property
     def cluster(self) -> bool:
@@ -153,17 +161,34 @@ class Store:
 
     # -- encoding ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _admit_call(shard: int, ops: Sequence[AdmitOp]) -> tuple[list[str], list[str]]:
+    def _project_keys(self, op: AdmitOp) -> list[str]:
+        """wallet, quota_defs, then log/sum/counter per quota; cached (f-strings add up)."""
+        ck = (op.project_id, op.quotas)
+        ks = self._key_cache.get(ck)
+        if ks is None:
+            if len(self._key_cache) >= _KEY_CACHE_MAX:
+                self._key_cache.clear()
+            shard, p = op.shard, op.project_id
+            ks = [keys.wallet(shard, p), keys.quota_defs(shard, p)]
+            for q in op.quotas:
+                ks += [
+                    keys.rate(shard, p, q.name),
+                    keys.rate_sum(shard, p, q.name),
+                    keys.concurrency(shard, p, q.name),
+                ]
+            self._key_cache[ck] = ks
+        return ks
+
+    def _admit_call(self, shard: int, ops: Sequence[AdmitOp]) -> tuple[list[str], list[str]]:
         ks = [keys.hold_expiry(shard), keys.clock_offset(shard)]
         args = [str(len(ops))]
         for op in ops:
-            ks += [
-                keys.wallet(shard, op.project_id),
-                keys.quota_defs(shard, op.project_id),
-                keys.hold(shard, op.op_id),
-            ]
-            args += [
+            pk = self._project_keys(op)
+            ks += pk[:2]
+            ks.append(keys.hold(shard, op.op_id))
+            ks += pk[2:]
+            # One argument per op: encoding arguments is most of redis-py's cost per call.
+            parts = [
                 op.project_id,
                 op.op_id,
                 str(op.cost),
@@ -176,12 +201,8 @@ class Store:
                 str(len(op.quotas)),
             ]
             for q in op.quotas:
-                ks += [
-                    keys.rate(shard, op.project_id, q.name),
-                    keys.rate_sum(shard, op.project_id, q.name),
-                    keys.concurrency(shard, op.project_id, q.name),
-                ]
-                args += [q.name, q.kind.value, str(q.limit), str(q.window_seconds)]
+                parts += [q.name, q.kind.value, str(q.limit), str(q.window_seconds)]
+            args.append(" ".join(parts))
         return ks, args
 
     def _settle_call(self, shard: int, ops: Sequence[SettleOp]) -> tuple[list[str], list[str]]:
@@ -195,30 +216,36 @@ class Store:
 
     @staticmethod
     def _decode_admit(op: AdmitOp, raw: list[Any]) -> AdmitResult:
-        status = AdmitStatus(int(raw[0]))
+        status = _STATUSES[raw[0]]
+        made_hold = raw[6] == 1
         quotas: list[QuotaStatus] = []
         counters: list[str] = []
         if status is not AdmitStatus.COLD:
-            for i, q in enumerate(op.quotas):
-                base = 8 + 5 * i
-                kind_n, limit, window, remaining, reset = (int(x) for x in raw[base : base + 5])
-                kind = QuotaKind.RATE if kind_n == 0 else QuotaKind.CONCURRENCY
-                quotas.append(QuotaStatus(q.name, kind, limit, window, remaining, reset))
-                if kind is QuotaKind.CONCURRENCY:
-                    counters.append(keys.concurrency(op.shard, op.project_id, q.name))
+            base = 8
+            for q in op.quotas:
+                if raw[base] == 0:
+                    kind = QuotaKind.RATE
+                else:
+                    kind = QuotaKind.CONCURRENCY
+                    if made_hold:
+                        counters.append(keys.concurrency(op.shard, op.project_id, q.name))
+                quotas.append(
+                    QuotaStatus(
+                        q.name, kind, raw[base + 1], raw[base + 2], raw[base + 3], raw[base + 4]
+                    )
+                )
+                base += 5
         return AdmitResult(
-            status=status,
-            reason=_REASONS[int(raw[1])],
-            retry_after=int(raw[2]),
-            wallet_state=WalletState(int(raw[3]))
-            if int(raw[3]) in WalletState._value2member_map_
-            else WalletState.UNSPECIFIED,
-            low=int(raw[4]) == 1,
-            grace_until_ms=int(raw[5]),
-            hold_created=int(raw[6]) == 1,
-            quotas=tuple(quotas),
-            counters=tuple(counters) if int(raw[6]) == 1 else (),
-            now_ms=int(raw[7]),
+            status,
+            _REASONS[raw[1]],
+            raw[2],
+            _STATES.get(raw[3], WalletState.UNSPECIFIED),
+            raw[4] == 1,
+            raw[5],
+            made_hold,
+            tuple(quotas),
+            tuple(counters),
+            raw[7],
         )
 
     @staticmethod
@@ -333,7 +360,7 @@ class Store:
                     missing.append(i)
                 elif isinstance(r, BaseException):
                     self.stats.errors += 1
-                    err = StoreUnavailable(f"redis script {calls[i][0]}: {r!r}")
+                    err = StoreUnavailable(f"redis script {calls[i][0]}: {r}")
                     err.__cause__ = r
                     results[i] = err
                 else:

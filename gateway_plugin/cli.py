@@ -1,4 +1,8 @@
-"""The `creditgate` command: one entry point; each package registers its own subcommands."""
+"""The `creditgate` command: one entry point; each package registers its own subcommands.
+
+creditservice.cli: authority, wallet, quota, key, export, import; admission.cli: flusher;
+gateway_plugin.commands: gateway, demo.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +10,25 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from admission import cli as admission_cli
+from creditservice import cli as authority_cli
+from gateway_plugin import commands as gateway_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="creditgate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="creditgate",
+        description="Admission plugin for aiohttp gateways, its flusher and its credit authority.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from creditservice import cli as authority_cli
-
     authority_cli.register(sub)
-    try:
-        from admission import cli as admission_cli
-    except ImportError:  # pragma: no cover - during bootstrap only
-        pass
-    else:
-        admission_cli.register(sub)
-    try:
-        from gateway_plugin import commands as gateway_cli
-    except ImportError:  # pragma: no cover - during bootstrap only
-        pass
-    else:
-        gateway_cli.register(sub)
+    admission_cli.register(sub)
+    gateway_cli.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code
 

@@ -26,6 +26,10 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+class ListenError(OSError):
+    """The gateway's address cannot be bound (in use, not local, no permission)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
     """Everything a worker needs; plain data so that it pickles into spawned processes."""
@@ -50,6 +54,12 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _build_app(opts: ServeOptions) -> web.Application:
@@ -82,7 +92,12 @@ async def serve(opts: ServeOptions, *, reuse_port: bool = False) -> None:
     await runner.setup()
     try:
         site = web.TCPSite(runner, opts.host, opts.port, reuse_port=reuse_port or None)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(
+                f"cannot listen on {opts.host}:{opts.port}: {exc.strerror or exc}"
+            ) from exc
         print(
             f"creditgate gateway pid {os.getpid()} on http://{opts.host}:{opts.port} "
             f"-> {opts.upstream}",
@@ -172,7 +187,11 @@ def _serve_cmd(args: argparse.Namespace) -> int:
     )
     if opts.workers > 1:
         return run_workers(opts)
-    asyncio.run(serve(opts))
+    try:
+        asyncio.run(serve(opts))
+    except ListenError as exc:
+        print(f"creditgate gateway: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -223,7 +242,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     s.add_argument(
         "--workers",
-        type=int,
+        type=_positive_int,
         default=1,
         help="processes sharing the port (SO_REUSEPORT); default 1",
     )
@@ -237,7 +256,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--connect-timeout",
         type=float,
         default=5.0,
-        help="upstream connect timeout in seconds -> 502/504 (default 5)",
+        help="upstream connect timeout in seconds (default 5)",
     )
     s.add_argument(
         "--read-timeout",

@@ -92,6 +92,7 @@ class CheckResult:
     admitted: int
     loop: tuple[int, ...]
     credits: int
+    problems: tuple[str, ...] = ()  # bodies of unexpected answers, to explain a failure
 
     @property
     def ok(self) -> bool:
@@ -208,16 +209,20 @@ async def provision(core: CreditCore, state_dir: Path) -> tuple[str, int]:
 async def run_check(base: str, secret: str) -> CheckResult:
     """The three curl lines, made by the demo itself."""
     auth = {"Authorization": f"Bearer {secret}"}
+    problems: list[str] = []
+
+    async def call(http: aiohttp.ClientSession, method: str, path: str, expect: set[int]) -> int:
+        async with http.request(method, base + path) as r:
+            body = await r.text()
+            if r.status not in expect:
+                problems.append(f"{method} {path} -> {r.status} {body[:300]}")
+            return r.status
+
     async with aiohttp.ClientSession(headers=auth) as http:
-        async with http.get(base + "/v1/hello") as r:
-            admitted = r.status
-        loop = []
-        for _ in range(8):
-            async with http.get(base + "/v1/hello") as r:
-                loop.append(r.status)
-        async with http.post(base + "/v1/report") as r:
-            credits = r.status
-    return CheckResult(admitted, tuple(loop), credits)
+        admitted = await call(http, "GET", "/v1/hello", {200})
+        loop = [await call(http, "GET", "/v1/hello", {200, 429}) for _ in range(8)]
+        credits = await call(http, "POST", "/v1/report", {402})
+    return CheckResult(admitted, tuple(loop), credits, tuple(problems))
 
 
 async def drive_traffic(
@@ -310,7 +315,15 @@ async def _main(opts: DemoOptions) -> int:
             gateway_id=f"demo-{os.getpid()}",
         )
         app = build_gateway_app(gateway, ProxyConfig(upstream=upstream))
-        gateway_runner, port = await _start_site(app, "127.0.0.1", opts.port)
+        try:
+            gateway_runner, port = await _start_site(app, "127.0.0.1", opts.port)
+        except OSError as exc:
+            print(
+                f"cannot listen on 127.0.0.1:{opts.port} ({exc.strerror}): pick another "
+                "port with --port",
+                file=sys.stderr,
+            )
+            return 1
 
         async def stop_gateway() -> None:
             _say("stopping: draining the gateway, settling the outbox ...")
@@ -354,6 +367,8 @@ async def _main(opts: DemoOptions) -> int:
             )
             if not result.ok:
                 _say("check FAILED: expected 200, a 429 in the loop, and 402")
+                for problem in result.problems:
+                    _say("  " + problem)
                 exit_code = 1
             if opts.exit_after is not None and not opts.check:
                 remaining = opts.exit_after - (time.monotonic() - started)

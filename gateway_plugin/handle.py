@@ -63,7 +63,9 @@ class UsageHandle:
         if amount > MAX_AMOUNT:
             raise UsageError(f"usage above the maximum {MAX_AMOUNT}: {amount}")
         if hold is None:
-            if amount:
+            # Shadow requests the rules would have denied, and degraded admits, hold nothing:
+            # the report is accepted (the handler must not fail) and charges nothing.
+            if amount and not (self.decision.shadow or self.decision.degraded):
                 raise UsageError("this request holds no credits: only 0 can be reported")
         elif amount > hold.amount and not hold.allow_overage:
             raise UsageError(

@@ -39,6 +39,7 @@ LOW_BALANCE_WARNING = '"low-balance"'
 _MAX_CACHED_NAMES = 4096
 _quoted_names: dict[str, str] = {}
 _shadow_values: dict[str, str] = {}
+_policy_items: dict[tuple[str, QuotaKind, int, int], str] = {}
 
 
 def sf_string(text: str) -> str:
@@ -70,9 +71,19 @@ def _quoted(name: str) -> str:
 
 
 def policy_item(quota: QuotaStatus) -> str:
-    if quota.kind is QuotaKind.CONCURRENCY:
-        return f"{_quoted(quota.name)};{P_QUOTA}={quota.limit};{P_UNIT}={UNIT_CONCURRENT}"
-    return f"{_quoted(quota.name)};{P_QUOTA}={quota.limit};{P_WINDOW}={quota.window_seconds}"
+    # A quota's policy item changes only with its definition: render each definition once.
+    key = (quota.name, quota.kind, quota.limit, quota.window_seconds)
+    item = _policy_items.get(key)
+    if item is None:
+        if quota.kind is QuotaKind.CONCURRENCY:
+            item = f"{_quoted(quota.name)};{P_QUOTA}={quota.limit};{P_UNIT}={UNIT_CONCURRENT}"
+        else:
+            item = (
+                f"{_quoted(quota.name)};{P_QUOTA}={quota.limit};{P_WINDOW}={quota.window_seconds}"
+            )
+        if len(_policy_items) < _MAX_CACHED_NAMES:
+            _policy_items[key] = item
+    return item
 
 
 def ratelimit_item(quota: QuotaStatus) -> str:

@@ -32,7 +32,6 @@ from gateway_plugin.handle import USAGE_KEY, UsageHandle
 from gateway_plugin.problems import problem_response
 
 if TYPE_CHECKING:
-    from admission.policy import Route
     from gateway_plugin.plugin import GatewayState
 
 log = logging.getLogger("gateway_plugin")
@@ -43,6 +42,11 @@ _RELEASE = False
 _SETTLE_BACKOFF_START_S = 0.05
 _SETTLE_BACKOFF_MAX_S = 2.0
 _UNAVAILABLE = "UNAVAILABLE"  # SettleOutcome.state when Redis did not answer
+_NOT_STARTED = Decision(
+    admitted=False, reason=Reason.UNAVAILABLE, detail="the gateway is not started yet"
+)
+# Identity denials carry nothing request-specific: one immutable Decision per reason.
+_identity_denials = {r: Decision(admitted=False, reason=r) for r in Reason}
 
 
 def make_middleware(state: GatewayState) -> Middleware:
@@ -54,7 +58,7 @@ def make_middleware(state: GatewayState) -> Middleware:
     policy = state.policy
     match = policy.match
     unmatched_pass = policy.settings.unmatched == "pass"
-    metrics_path = state.config.metrics_path or None
+    exempt = state.exempt_handlers
     metrics = state.metrics
     observe = metrics.admission_duration.observe
     perf = time.perf_counter
@@ -64,7 +68,7 @@ def make_middleware(state: GatewayState) -> Middleware:
         path = request.path
         route = match(request.method, path)
         if route is None:
-            if unmatched_pass or path == metrics_path:
+            if unmatched_pass or request.match_info.handler in exempt:
                 return await handler(request)
             return _deny(
                 state,
@@ -75,9 +79,22 @@ def make_middleware(state: GatewayState) -> Middleware:
                 ),
                 path,
             )
+        if request.match_info.handler in exempt:
+            return await handler(request)
 
         started = perf()
-        decision = await _decide(state, request, route)
+        # The engine never raises for Redis or authority failures: it applies the route's
+        # on_redis_down policy itself and answers UNAVAILABLE when it cannot decide.
+        identity = state.identity
+        engine = state.engine
+        if identity is None or engine is None:
+            decision = _NOT_STARTED
+        else:
+            who = await identity.identify(request.headers, request.remote)
+            if isinstance(who, Reason):
+                decision = _identity_denials[who]
+            else:
+                decision = await engine.admit(engine.request_for(route, who.project_id))
         observe(perf() - started)
         metrics.decision(decision.admitted, decision.reason).inc()
         project_decisions = metrics.project_decisions
@@ -123,21 +140,6 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     handle = request.get(USAGE_KEY)
     if handle is not None:
         hdr.apply_admitted(response.headers, handle.decision)
-
-
-async def _decide(state: GatewayState, request: web.Request, route: Route) -> Decision:
-    # The engine never raises for Redis or authority failures: it applies the route's
-    # on_redis_down policy itself and answers UNAVAILABLE when it cannot decide.
-    identity = state.identity
-    engine = state.engine
-    if identity is None or engine is None:
-        return Decision(
-            admitted=False, reason=Reason.UNAVAILABLE, detail="the gateway is not started"
-        )
-    who = await identity.identify(request.headers, request.remote)
-    if isinstance(who, Reason):
-        return Decision(admitted=False, reason=who)
-    return await engine.admit(engine.request_for(route, who.project_id))
 
 
 def _deny(state: GatewayState, decision: Decision, path: str) -> web.Response:

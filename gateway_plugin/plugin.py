@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway_plugin")
 
+_SHUTDOWN_STEP_S = 5.0
+
 
 @dataclass(eq=False)
 class GatewayState:
@@ -57,6 +59,8 @@ class GatewayState:
     settle_retry_seconds: float = 30.0
     closing: bool = False
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    # Route handlers that bypass admission (the metrics endpoint); fixed once the app starts.
+    exempt_handlers: set[Callable[..., Any]] = field(default_factory=set)
 
     async def wait_settled(self, within_s: float | None = None) -> None:
         """Waits (at most within_s) until every commit/release started so far is done."""
@@ -105,7 +109,10 @@ def setup(app: web.Application, config: GatewayConfig) -> GatewayState:
     app.on_response_prepare.append(on_response_prepare)
     app.cleanup_ctx.append(_lifecycle(state))
     if config.metrics_path:
-        app.router.add_get(config.metrics_path, metrics_handler(config.registry))
+        serve_metrics = metrics_handler(config.registry)
+        # Scrapes are never admission-controlled, whatever routes the policy names.
+        state.exempt_handlers.add(serve_metrics)
+        app.router.add_get(config.metrics_path, serve_metrics)
     return state
 
 
@@ -154,7 +161,7 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
         AuthorityClientConfig(target=config.authority_target, token=config.authority_token)
     )
     await authority.start()
-    stack.push_async_callback(authority.aclose)
+    stack.push_async_callback(_bounded, authority.aclose, "authority client")
     state.authority = authority
 
     filler = CacheFiller(
@@ -164,7 +171,7 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
         shards=settings.shards,
         registry=registry,
     )
-    stack.push_async_callback(filler.aclose)
+    stack.push_async_callback(_bounded, filler.aclose, "cache filler")
     state.filler = filler
 
     identity = IdentityResolver(
@@ -176,13 +183,13 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
     state.identity = identity
 
     engine = AdmissionEngine(redis, state.policy, filler, gateway_id=config.gateway_id)
-    stack.push_async_callback(engine.drain)
+    stack.push_async_callback(_bounded, engine.drain, "engine drain")
     state.engine = engine
 
     if config.run_watch:
         watch = WatchSubscriber(filler, key_caches=(identity,), registry=registry)
         await watch.start()
-        stack.push_async_callback(watch.aclose)
+        stack.push_async_callback(_bounded, watch.aclose, "watch")
         state.watch = watch
         if config.reconcile_interval_seconds > 0:
             reconciler = Reconciler(
@@ -249,10 +256,25 @@ def _spawn(
     return task
 
 
+async def _bounded(close: Callable[[], Awaitable[None]], what: str) -> None:
+    """Runs one shutdown step with a deadline, so one stuck part cannot hang the shutdown."""
+    try:
+        async with asyncio.timeout(_SHUTDOWN_STEP_S):
+            await close()
+    except TimeoutError:
+        log.warning("creditgate: closing the %s took over %.0fs; moving on", what, _SHUTDOWN_STEP_S)
+    except Exception:
+        log.exception("creditgate: closing the %s failed", what)
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+    # One cancel() is not always enough: on Python 3.11 a cancellation that races with an
+    # asyncio.timeout inside redis-py surfaces as a timeout error, which retry loops swallow.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("creditgate task %s ended with %r", task.get_name(), task.exception())
 
 
 async def _drain_flusher(flusher: Flusher, task: asyncio.Task[None], within_s: float) -> None:

@@ -1,6 +1,6 @@
 """The small JSON API that `creditgate demo` puts behind the gateway.
 
-It trusts X-Creditgate-Project because only the gateway can reach it (loopback, random port).
+It bills nothing itself: the gateway in front holds and commits a fixed cost per route.
 """
 
 from __future__ import annotations

@@ -31,6 +31,12 @@ def redis_proc() -> Iterator[RedisProcess]:
     proc.stop()
 
 
+@pytest.fixture
+def redis_url(redis_proc: RedisProcess) -> str:
+    """A logical database of the session redis-server that only this test uses."""
+    return redis_proc.fresh_db_url()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster_proc() -> Iterator[RedisCluster]:
     cluster = start_redis_cluster(3)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,7 +26,7 @@ from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from gateway_plugin import GatewayConfig, GatewayState, setup
 from tests.fixtures_authority import admin_md, make_wallet
-from tests.services import RedisProcess
+from tests.services import RedisProcess, start_redis
 
 GATEWAY_POLICY = """
 [settings]
@@ -177,6 +177,7 @@ class GatewayFactory(Protocol):
         policy_text: str = ...,
         sub_app: str | None = ...,
         redis_url: str | None = ...,
+        server_kwargs: dict[str, Any] | None = ...,
         **config: Any,
     ) -> Gateway: ...
 
@@ -192,21 +193,35 @@ class ProjectFactory(Protocol):
 
 
 @pytest.fixture
+def gateway_redis() -> Iterator[RedisProcess]:
+    """A Redis per gateway test: outbox streams are per shard, not per project, so a flusher
+    of another test would otherwise read (and settle elsewhere) this test's events."""
+    proc = start_redis()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
 def gateway_factory(
-    aiohttp_client: Any, redis_proc: RedisProcess, authority: AuthorityServer
+    authority: AuthorityServer, gateway_redis: RedisProcess, aiohttp_client: Any
 ) -> GatewayFactory:
+    # Argument order matters: the client (and the app's shutdown) is torn down before the
+    # authority and Redis it talks to.
     async def make(
         routes: RouteTable,
         *,
         policy_text: str = GATEWAY_POLICY,
         sub_app: str | None = None,
         redis_url: str | None = None,
+        server_kwargs: dict[str, Any] | None = None,
         **config: Any,
     ) -> Gateway:
         registry = CollectorRegistry()
         cfg = GatewayConfig(
             policy=parse_policy(policy_text, "test-policy.toml"),
-            redis_url=redis_url or redis_proc.url,
+            redis_url=redis_url or gateway_redis.url,
             authority_target=authority.grpc_target,
             authority_token=authority.config.admin_token,
             gateway_id=f"test-gw-{uuid.uuid4().hex[:8]}",
@@ -223,7 +238,7 @@ def gateway_factory(
         state = setup(target, cfg)
         if sub_app is not None:
             app.add_subapp(sub_app, target)
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(app, server_kwargs=server_kwargs)
         return Gateway(client, state, registry)
 
     return make
@@ -285,10 +300,8 @@ def bearer(secret: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def own_redis() -> AsyncIterator[RedisProcess]:
-    """A Redis only this test uses (so the test may stop it)."""
-    from tests.services import start_redis
-
+def own_redis() -> Iterator[RedisProcess]:
+    """Another Redis only this test uses (so the test may stop it)."""
     proc = start_redis()
     try:
         yield proc

@@ -64,15 +64,28 @@ def _require(binary: str) -> str:
     return path
 
 
+# Each test that writes outbox streams gets a logical database of its own (see fresh_db_url),
+# so one test's flusher never settles another test's events.
+DATABASES = 4096
+
+
 @dataclass
 class RedisProcess:
     port: int
     proc: subprocess.Popen[bytes]
     workdir: Path
+    _next_db: int = 1
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def fresh_db_url(self) -> str:
+        """URL of a logical database no other test of this session has used."""
+        if self._next_db >= DATABASES:
+            raise RuntimeError("this redis-server has no unused logical database left")
+        db, self._next_db = self._next_db, self._next_db + 1
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -90,6 +103,7 @@ def start_redis(*extra: str, workdir: Path | None = None, cluster: bool = False)
     wd = workdir or Path(tempfile.mkdtemp(prefix="cg-redis-"))
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--databases", str(DATABASES),
          "--dir", str(wd), "--logfile", str(wd / "redis.log"), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

@@ -1,4 +1,4 @@
-"""The admission engine on a real Redis: every decision reason, quotas, holds, batching, failures."""
+"""The admission engine on a real Redis: every reason, quotas, holds, batching, failures."""
 
 from __future__ import annotations
 
@@ -318,6 +318,31 @@ async def test_shadow_route_never_denies(admission_engine: Engine) -> None:
     assert d.quotas[0].remaining == 4  # the would-be denial consumed no quota
 
 
+async def test_shadow_route_unknown_project(admission_engine: Engine) -> None:
+    engine, _ = admission_engine
+    d = await engine.admit(req(engine, "shadowed", new_project()))
+    assert d.admitted and d.shadow and d.would_deny is Reason.UNKNOWN_PROJECT
+
+
+async def test_unsettled_limit_left_to_the_policy(admission_engine: Engine) -> None:
+    """A wallet without unsl (or unsl "", as the cache fill may leave it) uses the policy's."""
+    engine, filler = admission_engine
+    client = engine._store._client
+    for unsl in (None, ""):
+        p = project_with(filler, snap=2_000_000)
+        await engine.admit(req(engine, "status", p))  # fill
+        wkey = keys.wallet(engine.shard_of(p), p)
+        if unsl is None:
+            await client.hdel(wkey, "unsl")
+        else:
+            await client.hset(wkey, "unsl", unsl)
+        await client.hset(wkey, "uns", 999_995)  # policy unsettled_limit is 1_000_000
+        d = await engine.admit(req(engine, "embed", p))  # cost 5: exactly at the limit
+        assert d.admitted
+        d = await engine.admit(req(engine, "embed", p))
+        assert not d.admitted and d.reason is Reason.SETTLEMENT_BACKLOG
+
+
 async def test_low_balance_flag(admission_engine: Engine) -> None:
     engine, filler = admission_engine
     p = project_with(filler, snap=60, low=55, state=1)
@@ -389,9 +414,12 @@ async def test_redis_down_is_fast_unavailable_or_degraded(
     assert lenient.admitted and lenient.degraded and lenient.hold is None
     free = await engine.admit(req(engine, "status", p))  # free routes default to allow
     assert free.admitted and free.degraded
+    shadow = await engine.admit(req(engine, "shadowed", p))  # shadow routes never deny
+    assert shadow.admitted and shadow.shadow and shadow.degraded
+    assert shadow.would_deny is Reason.UNAVAILABLE
     out = await engine.commit(d.hold)
     assert not out.ok and out.state == "UNAVAILABLE"
-    assert engine.stats.redis_down == 3
+    assert engine.stats.redis_down == 4
 
 
 async def test_scripts_reloaded_after_script_flush(

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -265,7 +266,7 @@ async def grpc_stub(target: str) -> AsyncIterator[pb_grpc.CreditServiceAsyncStub
     import grpc
 
     async with grpc.aio.insecure_channel(target) as channel:
-        yield pb_grpc.CreditServiceStub(channel)
+        yield cast("pb_grpc.CreditServiceAsyncStub", pb_grpc.CreditServiceStub(channel))
 
 
 async def test_cli_flusher_settles_then_drains_on_sigterm(

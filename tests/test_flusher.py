@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +23,7 @@ from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_authority import admin_md, make_wallet, new_project_id
-from tests.services import RedisProcess
+from tests.services import RedisCluster, RedisProcess
 
 SHARDS = 16
 
@@ -47,21 +49,22 @@ def make_policy(unsettled_limit: int = 1_000_000) -> Policy:
 
 async def ledger_usage(stub: pb_grpc.CreditServiceAsyncStub, token: str, project_id: str) -> int:
     """Sum of USAGE charged in the authority ledger (positive), read page by page."""
-    total, page = 0, ""
+    total: int = 0
+    page = ""
     while True:
         reply = await stub.ListTransactions(
             pb.ListTransactionsRequest(project_id=project_id, page_size=1000, page_token=page),
             metadata=admin_md(token),
             timeout=10,
         )
-        total += sum(-e.amount for e in reply.entries if e.kind == pb.USAGE)
+        total += sum(int(-e.amount) for e in reply.entries if e.kind == pb.USAGE)
         page = reply.next_page_token
         if not page:
             return total
 
 
 async def wallet_hash(client: aioredis.Redis, project_id: str) -> dict[str, int]:
-    raw: dict[Any, Any] = await client.hgetall(  # type: ignore[misc]
+    raw: dict[Any, Any] = await client.hgetall(
         keys.wallet(keys.shard_of(project_id, SHARDS), project_id)
     )
     return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
@@ -132,9 +135,7 @@ def flusher_for(
     gateway_id: str = "flusher-test",
     **kw: Any,
 ) -> Flusher:
-    return Flusher(
-        rclient, client, shards=SHARDS, gateway_id=gateway_id, registry=registry, **kw
-    )
+    return Flusher(rclient, client, shards=SHARDS, gateway_id=gateway_id, registry=registry, **kw)
 
 
 async def drain_all(flusher: Flusher) -> int:
@@ -300,7 +301,8 @@ async def test_invalid_entry_is_isolated_and_reported_not_blocking(
     pending = await rclient.xpending(keys.outbox(shard), keys.OUTBOX_GROUP)
     assert pending["pending"] >= 1  # kept, never silently dropped
     await flusher.observe()
-    assert registry.get_sample_value("creditgate_outbox_poison_entries", {"shard": str(shard)}) >= 1
+    poison = registry.get_sample_value("creditgate_outbox_poison_entries", {"shard": str(shard)})
+    assert poison is not None and poison >= 1
 
 
 async def test_drain_flushes_everything_and_run_settles_in_background(
@@ -322,3 +324,71 @@ async def test_drain_flushes_everything_and_run_settles_in_background(
     assert await flusher.drain(10.0) == 25
     assert await ledger_usage(authority_stub, token, pid) == committed
     assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0
+
+
+async def test_settles_on_redis_cluster(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    redis_cluster_proc: RedisCluster,
+    auth_client: AuthorityClient,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    cluster = aioredis.RedisCluster.from_url(redis_cluster_proc.url, socket_timeout=5)
+    try:
+        policy = make_policy()
+        filler = CacheFiller(cluster, auth_client, shards=SHARDS, registry=registry)
+        eng = AdmissionEngine(cluster, policy, filler, gateway_id="gw-cluster")
+        committed = 0
+        pids = [new_project_id() for _ in range(4)]  # spread over shards, so over nodes
+        for i, pid in enumerate(pids):
+            await make_wallet(authority_stub, token, pid, balance=1000)
+            assert (await eng.commit(await charge(eng, pid), 10 + i)).ok
+            committed += 10 + i
+        await eng.drain()
+        flusher = Flusher(
+            cluster, auth_client, shards=SHARDS, gateway_id="cluster", registry=registry
+        )
+        # Entries other test files left in the shared cluster are settled (rejected) too.
+        await flusher.drain(15.0)
+        await flusher.observe()
+        for i, pid in enumerate(pids):
+            raw = await cluster.hgetall(keys.wallet(keys.shard_of(pid, SHARDS), pid))
+            assert int(raw[b"uns"]) == 0 and int(raw[b"snap"]) == 1000 - 10 - i
+            assert await ledger_usage(authority_stub, token, pid) == 10 + i
+        assert sum([await ledger_usage(authority_stub, token, p) for p in pids]) == committed
+        cached = [p async for p in filler.store.cached_projects() if p in pids]
+        assert sorted(cached) == sorted(pids)  # SCAN covers every node
+        await filler.aclose()
+    finally:
+        await cluster.aclose()
+
+
+async def test_cancelled_run_ends_promptly_and_drain_settles_the_rest(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100_000)
+    committed = 0
+    flusher = flusher_for(rclient, auth_client, registry, block_ms=5, batch_size=3)
+    # Cancel at many different points of the cycle (Redis reads, Settle, ack, idle waits).
+    for ticks in range(0, 60, 3):
+        for amount in (1, 2):
+            assert (await engine.commit(await charge(engine, pid), amount)).ok
+            committed += amount
+        runner = asyncio.create_task(flusher.run())
+        for _ in range(ticks):
+            await asyncio.sleep(0)  # let it run `ticks` steps, then cut it off there
+        runner.cancel()
+        async with asyncio.timeout(5):
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+    await flusher.drain(10.0)
+    assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0
+    assert await ledger_usage(authority_stub, token, pid) == committed

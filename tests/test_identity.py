@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 
@@ -10,10 +11,12 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from admission import keys
-from admission.authority import AuthorityClient, AuthorityClientConfig
+from admission.authority import AuthorityClient, AuthorityClientConfig, AuthorityRequestFailed
 from admission.cache import CacheFiller, WatchSubscriber
 from admission.decision import Reason
+from admission.errors import AuthorityUnavailable
 from admission.identity import Identity, IdentityConfig, IdentityResolver, key_hash
+from admission.ports import CredentialResolver, SnapshotFiller
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
@@ -268,3 +271,30 @@ async def test_without_watch_local_entries_live_at_most_1s(
     # Past 1 s: asked again, and the authority (not the Redis mapping) answers first.
     assert await resolver.resolve(key.secret) is None
     assert auth_client.calls["ResolveApiKey"] == 2
+
+
+async def test_concurrent_resolutions_of_one_key_share_one_call(
+    resolver: IdentityResolver,
+    auth_client: AuthorityClient,
+    issued: tuple[str, pb.IssueApiKeyResponse],
+) -> None:
+    pid, key = issued
+    port: CredentialResolver = resolver
+    results = await asyncio.gather(*(port.resolve(key.secret) for _ in range(20)))
+    assert results == [pid] * 20
+    assert auth_client.calls["ResolveApiKey"] == 1
+
+
+async def test_wrong_gateway_token_is_unavailable_not_a_crash(
+    authority: AuthorityServer, rclient: aioredis.Redis, registry: CollectorRegistry
+) -> None:
+    cfg = AuthorityClientConfig(target=authority.grpc_target, token="wrong-token")
+    async with AuthorityClient(cfg) as client:
+        resolver = IdentityResolver(rclient, client, registry=registry)
+        secret = "cg_" + secrets.token_urlsafe(32)
+        assert await resolver.identify({"X-Api-Key": secret}, None) is Reason.UNAVAILABLE
+        filler: SnapshotFiller = CacheFiller(rclient, client, shards=SHARDS, registry=registry)
+        with pytest.raises(AuthorityUnavailable) as info:
+            await filler.fill(new_project_id())
+        assert isinstance(info.value.__cause__, AuthorityRequestFailed)
+        assert info.value.__cause__.code == "UNAUTHENTICATED"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -66,6 +66,10 @@ class Admitted:
     epoch: int
 
 
+async def _wrap(aw: Awaitable[T]) -> T:
+    return await aw
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -85,7 +89,6 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.snapshots: dict[str, WalletSnapshot] = {}
         self.handles: list[Handle] = []
         self.ended: list[Handle] = []
-        self.hold_shard: dict[str, int] = {}
         self.overage_seen: set[str] = set()
         self.rate_log: dict[tuple[str, str], list[Admitted]] = defaultdict(list)
         self.epoch: dict[tuple[str, str], int] = defaultdict(int)
@@ -93,8 +96,8 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.stream_pos: dict[int, str] = {}
         self.group = f"sm-{uuid.uuid4().hex[:8]}"
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
+    def run(self, aw: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(_wrap(aw))
 
     def shard(self, project: str) -> int:
         return keys.shard_of(project, SHARDS)
@@ -144,22 +147,71 @@ class AdmissionMachine(RuleBasedStateMachine):
 
     @rule(
         data=st.data(),
-        cost=st.one_of(st.just(0), st.integers(1, 60)),
+        cost=st.sampled_from([0, 0, 1, 5, 10, 30, 60]),
+        times=st.integers(1, 4),
         quotas=st.lists(st.sampled_from(sorted(QUOTAS)), unique=True, max_size=3),
         weight=st.integers(1, 3),
         ttl_s=st.sampled_from([1, 2, 5]),
         overage=st.booleans(),
     )
     def admit(
-        self, data: st.DataObject, cost: int, quotas: list[str], weight: int, ttl_s: int,
+        self,
+        data: st.DataObject,
+        cost: int,
+        times: int,
+        quotas: list[str],
+        weight: int,
+        ttl_s: int,
         overage: bool,
     ) -> None:
         project = data.draw(st.sampled_from(self.projects))
+        for _ in range(times):
+            self.admit_one(project, cost, quotas, weight, ttl_s, overage)
+
+    # The same rule twice: rules are drawn uniformly, and admissions are what builds up state.
+    @rule(
+        data=st.data(),
+        cost=st.sampled_from([0, 0, 1, 5, 10, 30, 60]),
+        times=st.integers(1, 4),
+        quotas=st.lists(st.sampled_from(sorted(QUOTAS)), unique=True, max_size=3),
+        weight=st.integers(1, 3),
+        ttl_s=st.sampled_from([1, 2, 5]),
+        overage=st.booleans(),
+    )
+    def admit_more(
+        self,
+        data: st.DataObject,
+        cost: int,
+        times: int,
+        quotas: list[str],
+        weight: int,
+        ttl_s: int,
+        overage: bool,
+    ) -> None:
+        self.admit(data, cost, times, quotas, weight, ttl_s, overage)
+
+    def admit_one(
+        self,
+        project: str,
+        cost: int,
+        quotas: list[str],
+        weight: int,
+        ttl_s: int,
+        overage: bool,
+    ) -> None:
         shard = self.shard(project)
         op = AdmitOp(
-            shard=shard, project_id=project, op_id=uuid.uuid4().hex, cost=cost, weight=weight,
-            ttl_ms=ttl_s * 1000, meter="tokens", route="r", allow_overage=overage,
-            unsettled_limit=DEFAULT_UNSL, quotas=tuple(QUOTAS[q] for q in quotas),
+            shard=shard,
+            project_id=project,
+            op_id=uuid.uuid4().hex,
+            cost=cost,
+            weight=weight,
+            ttl_ms=ttl_s * 1000,
+            meter="tokens",
+            route="r",
+            allow_overage=overage,
+            unsettled_limit=DEFAULT_UNSL,
+            quotas=tuple(QUOTAS[q] for q in quotas),
         )
         real = self.admit_real(op)
         expect = self.admit_model(op, real.now_ms)
@@ -167,8 +219,20 @@ class AdmissionMachine(RuleBasedStateMachine):
             assert expect.status == m.COLD
             snap = self.snapshots[project]
             self.run(write_snapshot(self.client, project, snap, SHARDS))
-            self.model.apply_snapshot(project, snap=snap.snap, ver=snap.ver, state=snap.state,
-                                      low=snap.low, od=snap.od, gu=snap.gu, unsl=snap.unsl)
+            self.model.apply_snapshot(
+                project,
+                snap=snap.snap,
+                ver=snap.ver,
+                state=snap.state,
+                low=snap.low,
+                od=snap.od,
+                gu=snap.gu,
+                unsl=snap.unsl,
+            )
+            # A fill replaces the project's quota overrides with the authority's.
+            self.model.quota_defs[project] = dict(snap.quotas)
+            for name in QUOTAS:
+                self.epoch[(project, name)] += 1
             real = self.admit_real(op)
             expect = self.admit_model(op, real.now_ms)
         self.compare_admit(real, expect)
@@ -176,11 +240,13 @@ class AdmissionMachine(RuleBasedStateMachine):
             for q in real.quotas:
                 if q.kind is QuotaKind.RATE:
                     key = (project, q.name)
-                    self.rate_log[key].append(Admitted(real.now_ms, weight, q.limit,
-                                                       q.window_seconds * 1000, self.epoch[key]))
+                    self.rate_log[key].append(
+                        Admitted(
+                            real.now_ms, weight, q.limit, q.window_seconds * 1000, self.epoch[key]
+                        )
+                    )
         if real.hold_created:
             self.handles.append(Handle(op.op_id, project, shard, cost, real.counters))
-            self.hold_shard[op.op_id] = shard
 
     def admit_real(self, op: AdmitOp) -> AdmitResult:
         results, _ = self.run(self.store.run({op.shard: [op]}, {}))
@@ -190,28 +256,61 @@ class AdmissionMachine(RuleBasedStateMachine):
 
     def admit_model(self, op: AdmitOp, now: int) -> m.AdmitOutcome:
         return self.model.admit(
-            now=now, project=op.project_id, op_id=op.op_id, cost=op.cost, weight=op.weight,
-            ttl_ms=op.ttl_ms, meter=op.meter, route=op.route, overage=op.allow_overage,
-            quotas=op.quotas, unsettled_limit=op.unsettled_limit,
+            now=now,
+            project=op.project_id,
+            op_id=op.op_id,
+            cost=op.cost,
+            weight=op.weight,
+            ttl_ms=op.ttl_ms,
+            meter=op.meter,
+            route=op.route,
+            overage=op.allow_overage,
+            quotas=op.quotas,
+            unsettled_limit=op.unsettled_limit,
         )
 
     @staticmethod
     def compare_admit(real: AdmitResult, expect: m.AdmitOutcome) -> None:
-        got = (int(real.status), real.reason, real.retry_after, int(real.wallet_state), real.low,
-               real.grace_until_ms, real.hold_created)
-        want = (expect.status, expect.reason, expect.retry_after, int(expect.wallet_state),
-                expect.low, expect.grace_until_ms, expect.hold_created)
+        got = (
+            int(real.status),
+            real.reason,
+            real.retry_after,
+            int(real.wallet_state),
+            real.low,
+            real.grace_until_ms,
+            real.hold_created,
+        )
+        want = (
+            expect.status,
+            expect.reason,
+            expect.retry_after,
+            int(expect.wallet_state),
+            expect.low,
+            expect.grace_until_ms,
+            expect.hold_created,
+        )
         assert got == want
-        got_q = [(q.name, q.kind, q.limit, q.window_seconds, q.remaining, q.reset_seconds)
-                 for q in real.quotas]
-        want_q = [(q.name, q.kind, q.limit, q.window_seconds, q.remaining, q.reset_seconds)
-                  for q in expect.quotas]
+        got_q = [
+            (q.name, q.kind, q.limit, q.window_seconds, q.remaining, q.reset_seconds)
+            for q in real.quotas
+        ]
+        want_q = [
+            (q.name, q.kind, q.limit, q.window_seconds, q.remaining, q.reset_seconds)
+            for q in expect.quotas
+        ]
         assert got_q == want_q
 
     # -- settle -----------------------------------------------------------------------------
 
-    def settle_real(self, shard: int, hold_id: str, kind: str, amount: int,
-                    wallet_key: str | None, counters: tuple[str, ...]) -> SettleResult:
+    def settle_real(
+        self,
+        shard: int,
+        hold_id: str,
+        kind: str,
+        amount: int,
+        wallet_key: str | None,
+        counters: tuple[str, ...],
+    ) -> SettleResult:
         op = SettleOp(shard, hold_id, kind, amount, wallet_key, counters)
         _, results = self.run(self.store.run({}, {shard: [op]}))
         res = results[shard]
@@ -222,11 +321,15 @@ class AdmissionMachine(RuleBasedStateMachine):
         return out
 
     def settle_both(self, h: Handle, kind: str, amount: int) -> SettleResult:
-        real = self.settle_real(h.shard, h.hold_id, kind, amount,
-                                keys.wallet(h.shard, h.project), h.counters)
+        real = self.settle_real(
+            h.shard, h.hold_id, kind, amount, keys.wallet(h.shard, h.project), h.counters
+        )
         expect = self.model.settle(now=real.now_ms, hold_id=h.hold_id, kind=kind, amount=amount)
         assert (int(real.status), real.state, real.amount) == (
-            expect.status, expect.state, expect.amount)
+            expect.status,
+            expect.state,
+            expect.amount,
+        )
         if real.status is SettleStatus.ENDED and kind == "COMMIT" and real.amount > h.amount:
             self.overage_seen.add(h.project)
         return real
@@ -242,7 +345,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         elif how == "equal":
             amount = h.amount
         else:
-            amount = h.amount + data.draw(st.integers(1, 20))
+            amount = h.amount + data.draw(st.sampled_from([1, 2, 5, 20]))
         res = self.settle_both(h, "COMMIT", amount)
         if res.status is not SettleStatus.OVER_HOLD:
             self.handles.remove(h)
@@ -257,17 +360,19 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.ended.append(h)
 
     @precondition(lambda self: self.ended)
-    @rule(data=st.data(), kind=st.sampled_from(["COMMIT", "RELEASE"]))
-    def settle_again(self, data: st.DataObject, kind: str) -> None:
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["COMMIT", "RELEASE"]),
+        ghost=st.sampled_from([False, False, False, True]),
+    )
+    def settle_ended_or_unknown(self, data: st.DataObject, kind: str, ghost: bool) -> None:
+        if ghost:
+            project = data.draw(st.sampled_from(self.projects))
+            h = Handle(uuid.uuid4().hex, project, self.shard(project), 1, ())
+            assert self.settle_both(h, kind, 1).status is SettleStatus.UNKNOWN
+            return
         h = data.draw(st.sampled_from(self.ended))
-        res = self.settle_both(h, kind, -1)
-        assert res.status is SettleStatus.ALREADY_ENDED
-
-    @rule(data=st.data())
-    def settle_unknown(self, data: st.DataObject) -> None:
-        project = data.draw(st.sampled_from(self.projects))
-        ghost = Handle(uuid.uuid4().hex, project, self.shard(project), 1, ())
-        assert self.settle_both(ghost, "COMMIT", 1).status is SettleStatus.UNKNOWN
+        assert self.settle_both(h, kind, -1).status is SettleStatus.ALREADY_ENDED
 
     # -- clock, sweep, crash --------------------------------------------------------------
 
@@ -279,7 +384,11 @@ class AdmissionMachine(RuleBasedStateMachine):
         due = self.run(self.store.due_holds(shards, 10_000))
         for shard, d in due.items():
             mine = [hid for hid in d.hold_ids if hid in self.model.holds]
-            expect = [hid for hid in self.model.due(d.now_ms) if self.hold_shard[hid] == shard]
+            expect = [
+                hid
+                for hid in self.model.due(d.now_ms)
+                if self.shard(self.model.holds[hid].project) == shard
+            ]
             assert mine == expect
             for hid in mine:
                 h = self.model.holds[hid]
@@ -287,7 +396,10 @@ class AdmissionMachine(RuleBasedStateMachine):
                 real = self.settle_real(shard, hid, "EXPIRE", 0, None, ())
                 want = self.model.settle(now=real.now_ms, hold_id=hid, kind="EXPIRE", amount=0)
                 assert (int(real.status), real.state, real.amount) == (
-                    want.status, want.state, want.amount)
+                    want.status,
+                    want.state,
+                    want.amount,
+                )
                 self.handles = [x for x in self.handles if x.hold_id != hid]
                 self.ended.append(handle)
 
@@ -298,27 +410,43 @@ class AdmissionMachine(RuleBasedStateMachine):
 
     # -- authority side -------------------------------------------------------------------
 
-    @rule(data=st.data(), extra=st.integers(0, 100),
-          state=st.sampled_from([1, 1, 2, 3, 4]), od=st.sampled_from([0, 10]))
+    @rule(
+        data=st.data(),
+        extra=st.integers(0, 100),
+        state=st.sampled_from([1, 1, 2, 3, 4]),
+        od=st.sampled_from([0, 10]),
+    )
     def top_up(self, data: st.DataObject, extra: int, state: int, od: int) -> None:
         project = data.draw(st.sampled_from(self.projects))
         w = self.model.wallets.get(project)
         if w is None:
             return
         gu = 1_900_000_000_000 if state == 3 else 0
-        new = {"snap": w.snap + extra, "ver": w.ver + 1, "state": state, "low": w.low,
-               "od": max(od, w.od), "gu": gu}
-        self.run(self.client.hset(keys.wallet(self.shard(project), project),  # type: ignore[misc]
-                                  mapping=new))
+        new = {
+            "snap": w.snap + extra,
+            "ver": w.ver + 1,
+            "state": state,
+            "low": w.low,
+            "od": max(od, w.od),
+            "gu": gu,
+        }
+        self.run(
+            self.client.hset(
+                keys.wallet(self.shard(project), project),  # type: ignore[misc]
+                mapping=new,
+            )
+        )
         self.model.apply_snapshot(project, **new)
 
-    @rule(data=st.data(), quota=st.sampled_from(sorted(QUOTAS)),
-          value=st.one_of(
-              st.none(),
-              st.builds(lambda lim, win: f"rate:{lim}:{win}", st.integers(1, 6),
-                        st.integers(1, 10)),
-              st.builds(lambda lim: f"concurrency:{lim}:0", st.integers(0, 3)),
-          ))
+    @rule(
+        data=st.data(),
+        quota=st.sampled_from(sorted(QUOTAS)),
+        value=st.one_of(
+            st.none(),
+            st.builds(lambda lim, win: f"rate:{lim}:{win}", st.integers(1, 6), st.integers(1, 10)),
+            st.builds(lambda lim: f"concurrency:{lim}:0", st.integers(0, 3)),
+        ),
+    )
     def change_quota(self, data: st.DataObject, quota: str, value: str | None) -> None:
         project = data.draw(st.sampled_from(self.projects))
         key = keys.quota_defs(self.shard(project), project)
@@ -351,8 +479,14 @@ class AdmissionMachine(RuleBasedStateMachine):
                     w = self.model.wallets[p]
                     self.run(self.client.hincrby(wkey, keys.W_UNSETTLED, -amount))  # type: ignore[misc]
                     self.model.acknowledge(p, amount)
-                    new = {"snap": w.snap - amount, "ver": w.ver + 1, "state": w.state,
-                           "low": w.low, "od": w.od, "gu": w.gu}
+                    new = {
+                        "snap": w.snap - amount,
+                        "ver": w.ver + 1,
+                        "state": w.state,
+                        "low": w.low,
+                        "od": w.od,
+                        "gu": w.gu,
+                    }
                     self.run(self.client.hset(wkey, mapping=new))  # type: ignore[misc]
                     self.model.apply_snapshot(p, **new)
 
@@ -385,10 +519,29 @@ class AdmissionMachine(RuleBasedStateMachine):
                 continue
             assert len(evs) == 1, (hid, evs)
             e, want = evs[0], ended[hid]
-            assert (e["id"], e["h"], e["k"], e["p"], int(e["ha"]), int(e["a"]), e["m"],
-                    e["r"], int(e["t"]), e["g"]) == (
-                want.hold_id, want.hold_id, want.kind, want.project, want.held, want.amount,
-                want.meter, want.route, want.t, want.gateway)
+            assert (
+                e["id"],
+                e["h"],
+                e["k"],
+                e["p"],
+                int(e["ha"]),
+                int(e["a"]),
+                e["m"],
+                e["r"],
+                int(e["t"]),
+                e["g"],
+            ) == (
+                want.hold_id,
+                want.hold_id,
+                want.kind,
+                want.project,
+                want.held,
+                want.amount,
+                want.meter,
+                want.route,
+                want.t,
+                want.gateway,
+            )
         assert set(self.events) <= set(self.model.holds)
 
         for p in self.projects:
@@ -400,7 +553,12 @@ class AdmissionMachine(RuleBasedStateMachine):
                 continue
             w = {_s(k): int(v) for k, v in raw.items()}
             assert (w["held"], w["uns"], w["snap"], w["ver"], w["state"]) == (
-                mw.held, mw.uns, mw.snap, mw.ver, mw.state)
+                mw.held,
+                mw.uns,
+                mw.snap,
+                mw.ver,
+                mw.state,
+            )
             # held == sum of ACTIVE holds, read from the real hold hashes.
             active = 0
             for hid, h in self.model.holds.items():
@@ -417,15 +575,21 @@ class AdmissionMachine(RuleBasedStateMachine):
             # Invariant 1 (concurrency): the counter is exactly the holds in flight.
             for name in QUOTAS:
                 real_c = int(await c.get(keys.concurrency(shard, p, name)) or 0)
-                in_flight = sum(1 for h in self.model.holds.values()
-                                if h.project == p and h.state == "ACTIVE" and name in h.counters)
+                in_flight = sum(
+                    1
+                    for h in self.model.holds.values()
+                    if h.project == p and h.state == "ACTIVE" and name in h.counters
+                )
                 assert real_c == in_flight == self.model.counters.get((p, name), 0)
         # Invariant 1 (rate): within one quota config, no window holds more than the limit.
         for entries in self.rate_log.values():
-            for e in entries:
-                inside = sum(x.weight for x in entries
-                             if x.epoch == e.epoch and e.t - e.window_ms < x.t <= e.t)
-                assert inside <= e.limit
+            for at in entries:
+                inside = sum(
+                    x.weight
+                    for x in entries
+                    if x.epoch == at.epoch and at.t - at.window_ms < x.t <= at.t
+                )
+                assert inside <= at.limit
 
 
 def test_scripts_match_the_model(redis_proc: RedisProcess) -> None:
@@ -433,8 +597,12 @@ def test_scripts_match_the_model(redis_proc: RedisProcess) -> None:
     try:
         run_state_machine_as_test(
             AdmissionMachine,
-            settings=settings(max_examples=25, stateful_step_count=30, deadline=None,
-                              suppress_health_check=[HealthCheck.too_slow]),
+            settings=settings(
+                max_examples=60,
+                stateful_step_count=50,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
         )
     finally:
         asyncio.run(_reset_clocks(redis_proc.url))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from pathlib import Path
 from typing import Any
 
 import http_sfv
@@ -20,6 +21,7 @@ from creditservice.clock import ManualClock
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from gateway_plugin import GATEWAY_KEY, GatewayConfig, UsageError, setup, usage
+from gateway_plugin.metrics import ProjectDecisions
 from tests.fixtures_gateway import (
     GATEWAY_POLICY,
     GatewayFactory,
@@ -99,6 +101,12 @@ async def test_admitted_request_carries_ratelimit_headers_and_is_charged(
         gw.metric("creditgate_decisions_total", {"outcome": "admitted", "reason": "admitted"}) == 1
     )
     assert gw.metric("creditgate_admission_duration_seconds_count") == 1
+    # Sub-millisecond buckets: the first is 50 us.
+    for le in ("5e-05", "0.0001", "0.00025", "0.0005", "0.001"):
+        assert (
+            gw.registry.get_sample_value("creditgate_admission_duration_seconds_bucket", {"le": le})
+            is not None
+        )
     await gw.settle_everything()
     assert await usage_sum(authority_stub, authority.config.admin_token, project) == (10, 1)
     assert gw.metric("creditgate_committed_credits_total", {"meter": "requests"}) == 10
@@ -357,10 +365,17 @@ async def test_exceptions_and_5xx_release_unless_configured(
 
 
 async def test_shadow_route_never_denies_but_says_so(
-    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
 ) -> None:
-    gw = await gateway_factory([("GET", "/shadow", ok)])
-    _, secret = await project_factory(1000)
+    async def reporting(request: web.Request) -> web.Response:
+        usage(request).report(5)  # must not fail even when the rules would have denied
+        return web.Response(text="shadow")
+
+    gw = await gateway_factory([("GET", "/shadow", reporting)])
+    project, secret = await project_factory(1000)
     statuses, shadows = [], []
     for _ in range(3):
         resp = await gw.client.get("/shadow", headers=bearer(secret))
@@ -370,6 +385,12 @@ async def test_shadow_route_never_denies_but_says_so(
     assert shadows[0] is None
     assert [sf_dict(s) for s in shadows[1:] if s] == [{"would-deny": "rate-limited"}] * 2
     assert gw.metric("creditgate_shadow_would_deny_total", {"reason": "rate-limited"}) == 2
+    assert (
+        gw.metric("creditgate_decisions_total", {"outcome": "admitted", "reason": "admitted"}) == 3
+    )
+    await gw.settle_everything()
+    # Only the first request held credits (the rules admitted it); the others hold nothing.
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (5, 1)
 
 
 async def test_low_balance_warning(
@@ -482,3 +503,75 @@ async def test_ledger_equals_what_the_gateway_committed(
         assert charged == expected[project]
         total += charged
     assert gw.metric("creditgate_committed_credits_total", {"meter": "requests"}) == total
+
+
+async def test_per_project_series_only_for_allow_listed_projects(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    listed, listed_secret = await project_factory(1000)
+    other, other_secret = await project_factory(1000)
+    gw = await gateway_factory(BASIC_ROUTES, metrics_projects=(listed,))
+    for secret in (listed_secret, other_secret):
+        assert (await gw.client.get("/charged", headers=bearer(secret))).status == 200
+    series = {"project": listed, "outcome": "admitted"}
+    assert gw.metric("creditgate_project_decisions_total", series) == 1
+    assert (
+        gw.registry.get_sample_value(
+            "creditgate_project_decisions_total", {"project": other, "outcome": "admitted"}
+        )
+        is None
+    )
+
+
+def test_top_n_projects_bound_the_series() -> None:
+    tracker = ProjectDecisions(allow=["vip"], top_n=2)
+    tracker.record("vip", True)
+    for i in range(200):
+        for _ in range(1 + (i % 7 == 0) * 50):
+            tracker.record(f"p{i}", i % 2 == 0)
+    exported = {s.labels["project"] for m in tracker.collect() for s in m.samples}
+    assert "vip" in exported
+    assert len(exported) == 3
+    assert exported - {"vip"} <= {f"p{i}" for i in range(0, 200, 7)}
+
+
+def test_config_from_env_and_toml(tmp_path: Path) -> None:
+    cfg = GatewayConfig.from_env(
+        {
+            "CREDITGATE_REDIS_URL": "redis://example:6380/1",
+            "CREDITGATE_REDIS_CLUSTER": "yes",
+            "CREDITGATE_ADMIN_TOKEN": "admin-secret",
+            "CREDITGATE_TRUSTED_PROXIES": "10.0.0.0/8, ::1/128",
+            "CREDITGATE_METRICS_TOP_PROJECTS": "20",
+            "CREDITGATE_POLICY": "/etc/creditgate/policy.toml",
+        }
+    )
+    assert cfg.redis_url == "redis://example:6380/1"
+    assert cfg.redis_cluster is True
+    assert cfg.authority_token == "admin-secret"
+    assert cfg.trusted_proxies == ("10.0.0.0/8", "::1/128")
+    assert cfg.metrics_top_projects == 20
+    assert cfg.policy == Path("/etc/creditgate/policy.toml")
+    toml = tmp_path / "gateway.toml"
+    toml.write_text(
+        '[gateway]\npolicy = "policy.toml"\nrun_flusher = false\nmetrics_path = ""\n'
+        "sweep_interval_seconds = 0.5\n"
+    )
+    cfg = GatewayConfig.from_toml(toml)
+    assert cfg.policy == tmp_path / "policy.toml"
+    assert cfg.run_flusher is False
+    assert cfg.metrics_path == ""
+    assert cfg.sweep_interval_seconds == 0.5
+    with pytest.raises(ValueError, match="unknown gateway setting"):
+        GatewayConfig.from_mapping({"redis": "x"})
+    with pytest.raises(ValueError, match="boolean"):
+        GatewayConfig.from_env({"CREDITGATE_RUN_FLUSHER": "perhaps"})
+    with pytest.raises(ValueError, match="policy is required"):
+        setup(web.Application(), GatewayConfig())
+
+
+async def test_metrics_endpoint_bypasses_a_catch_all_route(gateway_factory: GatewayFactory) -> None:
+    catch_all = '\n[[routes]]\nname = "everything"\npath = "/**"\ncost = 1\n'
+    gw = await gateway_factory(BASIC_ROUTES, policy_text=GATEWAY_POLICY + catch_all)
+    assert (await gw.client.get("/metrics")).status == 200
+    await problem(await gw.client.get("/free-for-all"), 401, "missing-credential")

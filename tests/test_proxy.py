@@ -32,7 +32,7 @@ from gateway_plugin.proxy import (
     upstream_url,
 )
 from tests.fixtures_gateway import ProjectFactory, bearer, usage_sum
-from tests.services import RedisProcess, free_port, wait_for_port
+from tests.services import RedisProcess, free_port
 
 COST = 5
 POLICY = f"""
@@ -238,7 +238,7 @@ GatewayMaker = Callable[..., Awaitable[TestClient[web.Request, web.Application]]
 def make_gateway(
     authority: AuthorityServer, redis_proc: RedisProcess, aiohttp_client: Any
 ) -> GatewayMaker:
-    # aiohttp_client last: the gateway stops (and drains its outbox) before the authority.
+    # aiohttp_client after the authority: the gateway stops (draining its outbox) first.
     async def make(upstream_base: str, **proxy: Any) -> TestClient[web.Request, web.Application]:
         cfg = GatewayConfig(
             policy=parse_policy(POLICY, "proxy-policy.toml"),
@@ -314,6 +314,12 @@ async def test_streaming_both_ways_and_ledger(
     assert got == {"size": CHUNK * CHUNKS, "sha256": hashlib.sha256(b"".join(payload)).hexdigest()}
     assert up.seen_headers[-1]["Transfer-Encoding"] == "chunked"
 
+    fixed = bytes(range(256)) * 1024
+    async with client.post("/v1/upload", data=fixed, headers=bearer(secret)) as r:
+        assert r.status == 200
+        assert await r.json() == {"size": len(fixed), "sha256": hashlib.sha256(fixed).hexdigest()}
+    assert up.seen_headers[-1]["Content-Length"] == str(len(fixed))
+
     async with client.get("/v1/download", headers=bearer(secret)) as r:
         assert r.status == 200
         assert r.headers.get("Transfer-Encoding") == "chunked"
@@ -327,8 +333,8 @@ async def test_streaming_both_ways_and_ledger(
         assert await r.json() == {"error": "upstream broke"}
 
     await settle(client)
-    # The 503 released its hold: only the upload and the download are charged.
-    await wait_usage(authority_stub, authority.config.admin_token, project, (2 * COST, 2))
+    # The 503 released its hold: only the two uploads and the download are charged.
+    await wait_usage(authority_stub, authority.config.admin_token, project, (3 * COST, 3))
 
 
 async def test_headers_forwarded_and_credential_kept_at_the_gateway(
@@ -421,10 +427,12 @@ async def test_upstream_timeout_is_504_and_released(
     await wait_usage(authority_stub, authority.config.admin_token, project, (COST, 1))
 
 
-# ---------------------------------------------------------------- --workers 2
+# ---------------------------------------------------------------- creditgate gateway serve
 
 
-async def test_workers_smoke(
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_command_smoke(
+    workers: int,
     tmp_path: Path,
     upstream: tuple[Upstream, TestServer],
     redis_proc: RedisProcess,
@@ -465,12 +473,15 @@ async def test_workers_smoke(
         env=env,
     )
     try:
-        await asyncio.to_thread(wait_for_port, port, 30.0)
-        # Both workers must be listening before the count below means anything.
+        # Each worker prints its banner once it listens.
         banners: list[bytes] = []
-        assert proc.stdout is not None
-        while len(banners) < 2:
-            banners.append(await asyncio.wait_for(proc.stdout.readline(), 30))
+        assert proc.stdout is not None and proc.stderr is not None
+        while len(banners) < workers:
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            if not line:
+                err = await proc.stderr.read()
+                raise AssertionError(f"gateway exited early: {err.decode()}")
+            banners.append(line)
         assert all(b"creditgate gateway pid" in b for b in banners), banners
         requests = 12
         # A fresh connection per request lets the kernel spread them over both workers.

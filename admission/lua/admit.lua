@@ -2,15 +2,22 @@
 --
 -- KEYS[1] hold expiry zset (keys.hold_expiry)      KEYS[2] clock offset (keys.clock_offset)
 -- then per op: wallet, quota_defs, hold, and per quota: rate log, rate sum, concurrency counter
--- ARGV[1] number of ops; per op:
---   project, op id (= hold id), cost, weight, ttl_ms, meter, route, overage 0/1,
---   default unsettled limit, number of quotas, then per quota: name, kind, limit, window_s
+-- (all three per quota because a project override may change the quota's kind).
+-- ARGV[1] number of ops; ARGV[1 + i] op i as ONE space-separated string (fewer arguments to
+-- encode per call is most of the client's cost): project, op id (= hold id), cost, weight,
+-- ttl_ms, meter, route, overage 0/1, default unsettled limit, number of quotas, then per quota:
+-- name, kind, limit, window_s. None of these contain spaces (see admission.policy).
 --
 -- Result per op: {status, reason, retry_after_s, wallet state, low 0/1, grace_until, hold 0/1,
 --                 now_ms, then per quota: kind 0=rate 1=concurrency, limit, window_s, remaining,
 --                 reset_s}   (now_ms: the script's clock, for the reference-model tests)
 -- status 0 admitted, 1 denied (nothing changed), 2 cold (no wallet snapshot: fill and retry).
 -- reason 0 none, 1 rate, 2 concurrency, 3 insufficient credits, 4 grace, 5 expired, 6 backlog.
+--
+-- Rate quotas are an exact sliding window log: a sorted set of admitted entries (score = ms,
+-- member = "<op id>:<weight>") plus the running weight sum in its own key; an entry counts
+-- while now - score < window. Each redis.call costs more than the Lua around it, so the common
+-- path reads the oldest entry once and trims only when it has left the window.
 --
 -- The clock offset key exists for the virtual-clock tests only; production never sets it.
 -- Numbers written to Redis go through fmt(): Lua numbers are doubles and would otherwise be
@@ -29,30 +36,52 @@ if offset then
   now = now + tonumber(offset)
 end
 
+-- A wallet field as a number; missing or empty (e.g. unsl left to the policy) gives `default`.
+local function num(v, default)
+  local n = v and tonumber(v)
+  if not n then
+    return default
+  end
+  return n
+end
+
 local function weight_of(member)
   return tonumber(string.match(member, ':(%d+)$'))
 end
 
--- Drop log entries that left the window; returns the weight sum still inside it.
-local function trim(log, sum_key, win_ms)
-  local cutoff = now - win_ms
-  local old = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
-  local sum = tonumber(redis.call('GET', sum_key) or '0')
-  if #old > 0 then
-    local gone = 0
-    for _, m in ipairs(old) do
-      gone = gone + weight_of(m)
-    end
-    redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
-    sum = sum - gone
-    if redis.call('ZCARD', log) == 0 then
-      sum = 0
-      redis.call('DEL', sum_key)
-    else
-      redis.call('SET', sum_key, fmt(sum), 'KEEPTTL')
-    end
+local function oldest_of(log)
+  local o = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
+  if #o == 0 then
+    return nil
   end
-  return sum
+  return tonumber(o[2])
+end
+
+-- The weight sum inside the window and the oldest entry's time (nil: empty), after dropping
+-- entries that left the window.
+local function load_log(log, sum_key, win_ms)
+  local oldest = oldest_of(log)
+  if not oldest then
+    return 0, nil
+  end
+  local sum = tonumber(redis.call('GET', sum_key) or '0')
+  local cutoff = now - win_ms
+  if oldest > cutoff then
+    return sum, oldest
+  end
+  local gone = 0
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)) do
+    gone = gone + weight_of(m)
+  end
+  redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
+  oldest = oldest_of(log)
+  if not oldest then
+    redis.call('DEL', sum_key)
+    return 0, nil
+  end
+  sum = sum - gone
+  redis.call('SET', sum_key, fmt(sum), 'KEEPTTL')
+  return sum, oldest
 end
 
 -- ms until enough of the oldest entries leave the window for `w` more to fit under `limit`.
@@ -77,45 +106,54 @@ end
 
 local results = {}
 local ki = 3
-local ai = 2
 local nops = tonumber(ARGV[1])
 
 for op = 1, nops do
   local wallet, qdefs, hold = KEYS[ki], KEYS[ki + 1], KEYS[ki + 2]
   ki = ki + 3
-  local project, hid = ARGV[ai], ARGV[ai + 1]
-  local cost, weight = tonumber(ARGV[ai + 2]), tonumber(ARGV[ai + 3])
-  local ttl_ms, meter, route = tonumber(ARGV[ai + 4]), ARGV[ai + 5], ARGV[ai + 6]
-  local overage, unsl_default = ARGV[ai + 7], tonumber(ARGV[ai + 8])
-  local nq = tonumber(ARGV[ai + 9])
-  ai = ai + 10
+  local a = {}
+  for tok in string.gmatch(ARGV[op + 1], '%S+') do
+    a[#a + 1] = tok
+  end
+  local project, hid = a[1], a[2]
+  local cost, weight = tonumber(a[3]), tonumber(a[4])
+  local ttl_ms, meter, route = tonumber(a[5]), a[6], a[7]
+  local overage, unsl_default = a[8], tonumber(a[9])
+  local nq = tonumber(a[10])
 
   -- Effective quotas: a project override in quota_defs replaces the route default.
   local quotas = {}
+  local names = {}
   for q = 1, nq do
-    local name, kind = ARGV[ai], ARGV[ai + 1]
-    local limit, win = tonumber(ARGV[ai + 2]), tonumber(ARGV[ai + 3])
-    ai = ai + 4
-    local ov = redis.call('HGET', qdefs, name)
-    if ov then
-      local k, l, w = string.match(ov, '^(%a+):(%d+):(%d+)$')
-      if k == 'rate' or k == 'concurrency' then
-        kind, limit, win = k, tonumber(l), tonumber(w)
-      end
-    end
-    quotas[q] = {name = name, kind = kind, limit = limit, win = win,
-                 log = KEYS[ki], sum_key = KEYS[ki + 1], counter = KEYS[ki + 2]}
+    local b = 11 + (q - 1) * 4
+    names[q] = a[b]
+    quotas[q] = {name = a[b], kind = a[b + 1], limit = tonumber(a[b + 2]),
+                 win = tonumber(a[b + 3]), log = KEYS[ki], sum_key = KEYS[ki + 1],
+                 counter = KEYS[ki + 2]}
     ki = ki + 3
   end
+  if nq > 0 then
+    local overrides = redis.call('HMGET', qdefs, unpack(names))
+    for q = 1, nq do
+      local ov = overrides[q]
+      if ov then
+        local k, l, w = string.match(ov, '^(%a+):(%d+):(%d+)$')
+        if k == 'rate' or k == 'concurrency' then
+          quotas[q].kind, quotas[q].limit, quotas[q].win = k, tonumber(l), tonumber(w)
+        end
+      end
+    end
+  end
 
-  if redis.call('EXISTS', wallet) == 0 then
+  local w = redis.call('HMGET', wallet, 'snap', 'state', 'od', 'gu', 'held', 'uns', 'unsl', 'low')
+  if not w[1] then
+    -- No snapshot (never filled, or only counters left after an eviction): cold.
     results[op] = {2, 0, 0, 0, 0, 0, 0, now}
   else
-    local w = redis.call('HMGET', wallet, 'snap', 'state', 'od', 'gu', 'held', 'uns', 'unsl', 'low')
-    local snap, state = tonumber(w[1] or '0'), tonumber(w[2] or '0')
-    local od, gu = tonumber(w[3] or '0'), tonumber(w[4] or '0')
-    local held, uns = tonumber(w[5] or '0'), tonumber(w[6] or '0')
-    local unsl, low = tonumber(w[7] or unsl_default), tonumber(w[8] or '0')
+    local snap, state = num(w[1], 0), num(w[2], 0)
+    local od, gu = num(w[3], 0), num(w[4], 0)
+    local held, uns = num(w[5], 0), num(w[6], 0)
+    local unsl, low = num(w[7], unsl_default), num(w[8], 0)
 
     local reason, retry = 0, 0
     if state == EXPIRED then
@@ -132,7 +170,7 @@ for op = 1, nops do
     for _, q in ipairs(quotas) do
       if q.kind == 'rate' then
         local win_ms = q.win * 1000
-        q.used = trim(q.log, q.sum_key, win_ms)
+        q.used, q.oldest = load_log(q.log, q.sum_key, win_ms)
         if q.used + weight > q.limit then
           local wait = math.max(1, ceil_s(wait_for(q.log, q.used, weight, q.limit, win_ms)))
           if reason == 0 then
@@ -141,7 +179,6 @@ for op = 1, nops do
           if reason == 1 or reason == 2 then
             retry = math.max(retry, wait)
           end
-          q.denied = true
         end
       else
         q.used = tonumber(redis.call('GET', q.counter) or '0')
@@ -152,7 +189,6 @@ for op = 1, nops do
           if reason == 1 or reason == 2 then
             retry = math.max(retry, 1)
           end
-          q.denied = true
         end
       end
     end
@@ -163,12 +199,14 @@ for op = 1, nops do
       local counters = {}
       for _, q in ipairs(quotas) do
         if q.kind == 'rate' then
-          local win_ms = q.win * 1000
+          local ttl = q.win * 1000 + 1000
           redis.call('ZADD', q.log, now, hid .. ':' .. fmt(weight))
-          redis.call('INCRBY', q.sum_key, weight)
-          redis.call('PEXPIRE', q.log, win_ms + 1000)
-          redis.call('PEXPIRE', q.sum_key, win_ms + 1000)
+          redis.call('PEXPIRE', q.log, ttl)
           q.used = q.used + weight
+          redis.call('SET', q.sum_key, fmt(q.used), 'PX', ttl)
+          if not q.oldest then
+            q.oldest = now
+          end
         else
           redis.call('INCR', q.counter)
           counters[#counters + 1] = q.counter
@@ -193,22 +231,20 @@ for op = 1, nops do
       low_flag = 1
     end
     local res = {admitted and 0 or 1, reason, retry, state, low_flag, gu, made_hold, now}
+    local n = 8
     for _, q in ipairs(quotas) do
       local remaining = math.max(0, q.limit - q.used)
       if q.kind == 'rate' then
         local reset = 0
-        local oldest = redis.call('ZRANGE', q.log, 0, 0, 'WITHSCORES')
-        if #oldest > 0 then
-          reset = math.max(0, ceil_s(tonumber(oldest[2]) + q.win * 1000 - now))
+        if q.oldest then
+          reset = math.max(0, ceil_s(q.oldest + q.win * 1000 - now))
         end
-        for _, v in ipairs({0, q.limit, q.win, remaining, reset}) do
-          res[#res + 1] = v
-        end
+        res[n + 1], res[n + 2], res[n + 3], res[n + 4], res[n + 5] =
+          0, q.limit, q.win, remaining, reset
       else
-        for _, v in ipairs({1, q.limit, 0, remaining, 0}) do
-          res[#res + 1] = v
-        end
+        res[n + 1], res[n + 2], res[n + 3], res[n + 4], res[n + 5] = 1, q.limit, 0, remaining, 0
       end
+      n = n + 5
     end
     results[op] = res
   end

@@ -6,6 +6,8 @@
 --            configured default), ARGV[9..] quota name/value pairs: creates the wallet when
 --            missing, replaces the quota overrides.
 --   "repair" as "fill", but also rewrites a wallet of the same version (reconcile).
+--   "reset"  as "fill", whatever the cached version (Watch resync: the authority's history
+--            may have changed, e.g. restored from another database).
 --   "wallet" ARGV[2..7] snap ver state low od gu: only for a cached wallet.
 --   "qset"   ARGV[2] name, ARGV[3] "kind:limit:window_seconds": only for a cached wallet.
 --   "qdel"   ARGV[2] name: only for a cached wallet.
@@ -21,7 +23,7 @@ local cached = redis.call('EXISTS', wallet)
 local function write_wallet()
   local ver = tonumber(ARGV[3])
   local stored = tonumber(redis.call('HGET', wallet, 'ver') or '-1') or -1
-  if cached == 1 and (ver < stored or (ver == stored and mode ~= 'repair')) then
+  if cached == 1 and mode ~= 'reset' and (ver < stored or (ver == stored and mode ~= 'repair')) then
     return 0
   end
   redis.call('HSET', wallet, 'snap', ARGV[2], 'ver', ARGV[3], 'state', ARGV[4],
@@ -29,7 +31,7 @@ local function write_wallet()
   return 1
 end
 
-if mode == 'fill' or mode == 'repair' then
+if mode == 'fill' or mode == 'repair' or mode == 'reset' then
   local written = write_wallet()
   if cached == 0 then
     redis.call('HSET', wallet, 'held', 0, 'uns', 0)

@@ -1,0 +1,468 @@
+"""Gateway throughput, side by side in one run: bare aiohttp, the plugin, and two simple peers.
+
+Every server runs in its own process; load comes from another process (wrk if installed, else
+an aiohttp client) with a fixed number of connections for a fixed time. Run:
+
+    python bench/gateway_bench.py [--seconds 10] [--connections 50] [--servers bare,plugin,...]
+
+Servers: bare (trivial handler), plugin (setup(): one credit hold + one rate quota + one
+concurrency quota per request, flusher running), plugin-no-flusher (the same, settlement left
+to another process), redis-peer (one INCR + check per request),
+grpc-peer (one CheckAdmission call to the authority per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from aiohttp import web
+
+POLICY = """
+[settings]
+shards = 16
+unsettled_limit = 1000000000000
+max_cost = 1000
+
+[quotas.requests]
+kind = "rate"
+limit = 1000000000
+window_seconds = 60
+
+[quotas.concurrent]
+kind = "concurrency"
+limit = 100000
+
+[[routes]]
+name = "work"
+method = "GET"
+path = "/work"
+cost = 1
+quotas = ["requests", "concurrent"]
+"""
+
+SERVERS = ("bare", "plugin", "plugin-no-flusher", "redis-peer", "grpc-peer")
+PEER_LIMIT = 10**12
+
+
+# ---------------------------------------------------------------- servers (child processes)
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def _serve(app: web.Application, port: int) -> None:
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+def serve_bare(args: argparse.Namespace) -> None:
+    app = web.Application()
+    app.router.add_get("/work", _ok)
+    _serve(app, args.port)
+
+
+def serve_plugin(args: argparse.Namespace, *, run_flusher: bool = True) -> None:
+    from admission.policy import parse_policy
+    from gateway_plugin import GatewayConfig, setup
+
+    app = web.Application()
+    app.router.add_get("/work", _ok)
+    setup(
+        app,
+        GatewayConfig(
+            policy=parse_policy(POLICY, "bench-policy.toml"),
+            redis_url=args.redis_url,
+            authority_target=args.authority,
+            authority_token=args.token,
+            gateway_id=f"bench-{os.getpid()}",
+            run_flusher=run_flusher,
+        ),
+    )
+    _serve(app, args.port)
+
+
+def serve_plugin_no_flusher(args: argparse.Namespace) -> None:
+    """The plugin with settlement left to a separate `creditgate flusher` process (not run
+    here: the outbox just grows), to show what the in-process flusher costs."""
+    serve_plugin(args, run_flusher=False)
+
+
+def serve_redis_peer(args: argparse.Namespace) -> None:
+    """The 'one Redis call per request' design: INCR a per-project counter, compare, admit."""
+    import redis.asyncio as aioredis
+
+    client_key: web.AppKey[Any] = web.AppKey("redis", object)
+
+    async def lifecycle(app: web.Application) -> Any:
+        app[client_key] = aioredis.Redis.from_url(args.redis_url)
+        yield
+        await app[client_key].aclose()
+
+    @web.middleware
+    async def admit(request: web.Request, handler: Any) -> web.StreamResponse:
+        token = request.headers.get("Authorization", "")
+        used = await request.app[client_key].incr(f"peer:count:{token[-12:]}")
+        if used > PEER_LIMIT:
+            return web.Response(status=429)
+        return await handler(request)  # type: ignore[no-any-return]
+
+    app = web.Application(middlewares=[admit])
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/work", _ok)
+    _serve(app, args.port)
+
+
+def serve_grpc_peer(args: argparse.Namespace) -> None:
+    """The 'one gRPC call per request' design: CheckAdmission at the authority, then admit."""
+    import grpc
+
+    from creditservice.v1 import credit_pb2 as pb
+    from creditservice.v1 import credit_pb2_grpc as pb_grpc
+
+    stub_key: web.AppKey[Any] = web.AppKey("stub", object)
+    metadata = (("authorization", f"Bearer {args.token}"),)
+
+    async def lifecycle(app: web.Application) -> Any:
+        channel = grpc.aio.insecure_channel(args.authority)
+        app[stub_key] = pb_grpc.CreditServiceStub(channel)
+        yield
+        await channel.close()
+
+    @web.middleware
+    async def admit(request: web.Request, handler: Any) -> web.StreamResponse:
+        reply = await request.app[stub_key].CheckAdmission(
+            pb.CheckAdmissionRequest(project_id=args.project, cost=1),
+            metadata=metadata,
+            timeout=2,
+        )
+        if not reply.allowed:
+            return web.Response(status=402)
+        return await handler(request)  # type: ignore[no-any-return]
+
+    app = web.Application(middlewares=[admit])
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/work", _ok)
+    _serve(app, args.port)
+
+
+def serve_authority(args: argparse.Namespace) -> None:
+    from creditservice.server import AuthorityConfig, AuthorityServer
+
+    async def main() -> None:
+        cfg = AuthorityConfig(
+            database=f"sqlite:///{args.db}",
+            grpc_listen=f"127.0.0.1:{args.port}",
+            http_listen="",
+            admin_token=args.token,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        async with AuthorityServer(cfg):
+            await stop.wait()
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- load (child process)
+
+
+async def _client_load(url: str, token: str, connections: int, seconds: float) -> dict[str, Any]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    end = time.perf_counter() + seconds
+    headers = {"Authorization": f"Bearer {token}"}
+    conn = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=conn) as session:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                async with session.get(url, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        errors += 1
+                latencies.append(time.perf_counter() - t0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": latencies[len(latencies) // 2] * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+        "non_2xx": errors,
+    }
+
+
+def run_load(args: argparse.Namespace) -> None:
+    result = asyncio.run(_client_load(args.url, args.token, args.connections, args.seconds))
+    print(json.dumps(result))
+
+
+_WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _wrk(url: str, token: str, connections: int, seconds: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{int(seconds)}s",
+            "--latency",
+            "-H",
+            f"Authorization: Bearer {token}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    def latency(label: str) -> float:
+        m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if m is None:
+            raise RuntimeError(f"no {label}% line in wrk output:\n{out}")
+        return float(m.group(1)) * _WRK_UNITS[m.group(2)]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if rps is None:
+        raise RuntimeError(f"no Requests/sec in wrk output:\n{out}")
+    return {
+        "rps": float(rps.group(1)),
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 20.0) -> None:
+    import socket
+
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)  # polling the port with a deadline
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _spawn(mode: str, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, __file__, mode, "--port", str(port), *extra])
+    _wait_port(port, proc)
+    return proc, port
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def _create_project(target: str, token: str, project: str) -> str:
+    import grpc
+
+    from creditservice.v1 import credit_pb2 as pb
+    from creditservice.v1 import credit_pb2_grpc as pb_grpc
+
+    md = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.CreditServiceStub(channel)
+        await stub.CreateWallet(
+            pb.CreateWalletRequest(
+                request_id=f"c-{project}", project_id=project, organization_id="bench"
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        await stub.TopUp(
+            pb.TopUpRequest(request_id=f"t-{project}", project_id=project, amount=10**14),
+            metadata=md,
+            timeout=10,
+        )
+        key = await stub.IssueApiKey(
+            pb.IssueApiKeyRequest(request_id=f"k-{project}", project_id=project, name="bench"),
+            metadata=md,
+            timeout=10,
+        )
+        return str(key.secret)
+
+
+def _measure(url: str, token: str, args: argparse.Namespace) -> dict[str, Any]:
+    if args.loader == "wrk":
+        return _wrk(url, token, args.connections, args.seconds)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "load",
+            "--url",
+            url,
+            "--token",
+            token,
+            "--connections",
+            str(args.connections),
+            "--seconds",
+            str(args.seconds),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def orchestrate(args: argparse.Namespace) -> None:
+    from tests.services import start_redis
+
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    for s in servers:
+        if s not in SERVERS:
+            raise SystemExit(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
+    if args.loader == "auto":
+        args.loader = "wrk" if shutil.which("wrk") else "aiohttp"
+    token = secrets.token_urlsafe(24)
+    workdir = Path(tempfile.mkdtemp(prefix="cg-bench-"))
+    redis = start_redis()
+    authority, authority_port = _spawn("authority", "--db", str(workdir / "a.db"), "--token", token)
+    target = f"127.0.0.1:{authority_port}"
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        project = f"bench-{secrets.token_hex(4)}"
+        secret = asyncio.run(_create_project(target, token, project))
+        common = [
+            "--redis-url",
+            redis.url,
+            "--authority",
+            target,
+            "--token",
+            token,
+            "--project",
+            project,
+        ]
+        for name in servers:
+            proc, port = _spawn(name, *common)
+            try:
+                url = f"http://127.0.0.1:{port}/work"
+                warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
+                _measure(url, secret, warm)
+                runs = [_measure(url, secret, args) for _ in range(args.repeat)]
+                best = max(runs, key=lambda r: r["rps"])
+                best["rps_runs"] = [round(r["rps"]) for r in runs]
+                best["rps_median"] = statistics.median(r["rps"] for r in runs)
+                results[name] = best
+            finally:
+                _stop(proc)
+    finally:
+        _stop(authority)
+        redis.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    _report(results, args)
+
+
+def _report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
+    bare = results.get("bare", {}).get("rps_median")
+    print(
+        f"\nloader={args.loader} connections={args.connections} seconds={args.seconds} "
+        f"repeat={args.repeat} cpus={os.cpu_count()}"
+    )
+    print(
+        f"{'server':<18}{'req/s (median)':>16}{'p50 ms':>10}{'p99 ms':>10}{'vs bare':>10}"
+        f"{'non-2xx':>10}  runs"
+    )
+    for name, r in results.items():
+        ratio = f"{r['rps_median'] / bare:.2f}" if bare else "-"
+        print(
+            f"{name:<18}{r['rps_median']:>16.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
+            f"{ratio:>10}{r['non_2xx']:>10}  {r['rps_runs']}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="mode")
+    bench = sub.add_parser("run", help="the whole comparison (default)")
+    for p in (parser, bench):
+        p.add_argument("--seconds", type=float, default=10.0)
+        p.add_argument("--warmup", type=float, default=3.0)
+        p.add_argument("--repeat", type=int, default=3)
+        p.add_argument("--connections", type=int, default=50)
+        p.add_argument("--servers", default=",".join(SERVERS))
+        p.add_argument("--loader", choices=("auto", "wrk", "aiohttp"), default="auto")
+    modes: dict[str, Callable[[argparse.Namespace], None]] = {
+        "bare": serve_bare,
+        "plugin": serve_plugin,
+        "plugin-no-flusher": serve_plugin_no_flusher,
+        "redis-peer": serve_redis_peer,
+        "grpc-peer": serve_grpc_peer,
+        "authority": serve_authority,
+    }
+    for mode in modes:
+        p = sub.add_parser(mode)
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--redis-url", default="")
+        p.add_argument("--authority", default="")
+        p.add_argument("--token", default="")
+        p.add_argument("--project", default="")
+        p.add_argument("--db", default="")
+    load = sub.add_parser("load")
+    load.add_argument("--url", required=True)
+    load.add_argument("--token", required=True)
+    load.add_argument("--connections", type=int, required=True)
+    load.add_argument("--seconds", type=float, required=True)
+    args = parser.parse_args(argv)
+    if args.mode in modes:
+        modes[args.mode](args)
+    elif args.mode == "load":
+        run_load(args)
+    else:
+        orchestrate(args)
+
+
+if __name__ == "__main__":
+    main()

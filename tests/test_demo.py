@@ -1,0 +1,152 @@
+"""`creditgate demo` as a user runs it: a subprocess on a fresh state directory."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from gateway_plugin.demo import curl_lines
+
+CLI = [sys.executable, "-m", "gateway_plugin.cli", "demo"]
+
+
+def demo_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CREDITGATE_ADMIN_TOKEN")}
+
+
+def redis_pid(output: str) -> int:
+    m = re.search(r"redis-server pid (\d+), started by the demo", output)
+    assert m, output
+    return int(m.group(1))
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def gateway_base(output: str) -> str:
+    m = re.search(r"gateway +(http://127\.0\.0\.1:\d+)", output)
+    assert m, output
+    return m.group(1)
+
+
+def api_key(output: str) -> str:
+    m = re.search(r"API key +(cg_[A-Za-z0-9_-]{43})\b", output)
+    assert m, output
+    return m.group(1)
+
+
+def run_demo(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, "--state-dir", str(state), "--port", "0", *extra],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=demo_env(),
+        check=False,
+    )
+
+
+def test_demo_runs_the_three_requests_and_leaves_nothing_running(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = run_demo(state, "--exit-after", "0.2")
+    out = first.stdout
+    assert first.returncode == 0, out + first.stderr
+    base, secret = gateway_base(out), api_key(out)
+    for line in curl_lines(base, secret):
+        assert line in out, line
+    assert "for i in $(seq 8)" in out
+    m = re.search(r"check: admitted (\d+); rate-limit loop ([\d ]+); credits (\d+)", out)
+    assert m, out
+    assert m.group(1) == "200"
+    loop = m.group(2).split()
+    assert len(loop) == 8 and loop[0] == "200" and "429" in loop
+    assert m.group(3) == "402"
+    assert f"{base}/_creditgate/dashboard#token=" in out
+    assert f"{base}/metrics" in out
+    assert gone(redis_pid(out))
+    assert (state / "authority.db").exists()
+    assert oct((state / "api-key").stat().st_mode & 0o777) == "0o600"
+
+    # Rerun with the same state: same project, same key, the printed lines still work.
+    second = run_demo(state, "--check")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert api_key(second.stdout) == secret
+    assert "check: admitted 200;" in second.stdout
+    balances = [
+        int(re.search(r"balance (\d+) credits", o).group(1))  # type: ignore[union-attr]
+        for o in (out, second.stdout)
+    ]
+    assert balances[1] < balances[0]  # the first run's usage reached the authority ledger
+    assert gone(redis_pid(second.stdout))
+
+
+def test_sigint_stops_everything(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*CLI, "--state-dir", str(tmp_path / "s"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=demo_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:  # blocks per line; the test timeout bounds it
+            lines.append(line)
+            if line.strip() == "ready":
+                break
+        out = "".join(lines)
+        base, secret = gateway_base(out), api_key(out)
+        req = urllib.request.Request(
+            base + "/v1/hello", headers={"Authorization": f"Bearer {secret}"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped" in rest
+    assert gone(redis_pid(out))
+
+
+def test_missing_redis_server_binary(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    env = demo_env()
+    env["PATH"] = str(bindir)
+    done = subprocess.run(
+        [
+            str(bindir / "python"),
+            "-m",
+            "gateway_plugin.cli",
+            "demo",
+            "--state-dir",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "redis-server not found: install it: apt-get install redis-server"
+    ]
+    assert not (tmp_path / "s").exists()
