@@ -172,9 +172,19 @@ def admission_policy() -> Policy:
     return parse_policy(TEST_POLICY, "test-policy.toml")
 
 
+# The production default (0.25 s) is for a healthy Redis; on a loaded shared test machine a
+# first cluster contact (slot map, script loads) can take longer. The Redis-down test checks
+# the defaults separately.
+TEST_TIMEOUT_S = 2.0
+
+
 @pytest.fixture
 async def admission_redis(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = build_client(RedisSettings(url=redis_proc.url))
+    client = build_client(
+        RedisSettings(
+            url=redis_proc.url, socket_timeout_s=TEST_TIMEOUT_S, connect_timeout_s=TEST_TIMEOUT_S
+        )
+    )
     assert isinstance(client, aioredis.Redis)
     yield client
     await client.aclose()
@@ -184,7 +194,14 @@ async def admission_redis(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Re
 async def admission_cluster(
     redis_cluster_proc: RedisCluster,
 ) -> AsyncIterator[aioredis.RedisCluster]:
-    client = build_client(RedisSettings(url=redis_cluster_proc.url, cluster=True))
+    client = build_client(
+        RedisSettings(
+            url=redis_cluster_proc.url,
+            cluster=True,
+            socket_timeout_s=TEST_TIMEOUT_S,
+            connect_timeout_s=TEST_TIMEOUT_S,
+        )
+    )
     assert isinstance(client, aioredis.RedisCluster)
     yield client
     await client.aclose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,6 +15,7 @@ from admission.engine import AdmissionEngine
 from admission.policy import Policy
 from admission.redis_client import RedisSettings, build_client
 from tests.fixtures_admission import (
+    TEST_TIMEOUT_S,
     DictFiller,
     ShardClock,
     WalletSnapshot,
@@ -21,7 +23,7 @@ from tests.fixtures_admission import (
     outbox_events,
     wallet_of,
 )
-from tests.services import start_redis
+from tests.services import RedisProcess, start_redis
 
 Engine = tuple[AdmissionEngine, DictFiller]
 
@@ -381,32 +383,49 @@ async def test_sweep_expires_forgotten_holds(
     assert await engine.sweep_expired() == 0
 
 
+@dataclass
+class OwnRedis:
+    """A redis-server this test may stop, a client with the production defaults and a
+    client with generous timeouts for the set-up steps (the machine may be loaded)."""
+
+    proc: RedisProcess
+    default: aioredis.Redis
+    patient: aioredis.Redis
+
+
 @pytest.fixture
-async def own_redis() -> AsyncIterator[tuple[object, aioredis.Redis]]:
+async def own_redis() -> AsyncIterator[OwnRedis]:
     proc = start_redis()
-    client = build_client(RedisSettings(url=proc.url))
-    assert isinstance(client, aioredis.Redis)
+    default = build_client(RedisSettings(url=proc.url))
+    patient = build_client(
+        RedisSettings(
+            url=proc.url, socket_timeout_s=TEST_TIMEOUT_S, connect_timeout_s=TEST_TIMEOUT_S
+        )
+    )
+    assert isinstance(default, aioredis.Redis) and isinstance(patient, aioredis.Redis)
     try:
-        yield proc, client
+        yield OwnRedis(proc, default, patient)
     finally:
-        await client.aclose()
+        await default.aclose()
+        await patient.aclose()
         proc.stop()
 
 
 async def test_redis_down_is_fast_unavailable_or_degraded(
-    own_redis: tuple[object, aioredis.Redis], admission_policy: Policy
+    own_redis: OwnRedis, admission_policy: Policy
 ) -> None:
-    proc, client = own_redis
+    client = own_redis.default
     kwargs = client.connection_pool.connection_kwargs
     # No admission call can wait longer than these: no retries, sub-second timeouts.
     assert kwargs["socket_timeout"] <= 0.25 and kwargs["socket_connect_timeout"] <= 0.25
     assert kwargs["retry"].get_retries() == 0
-    filler = DictFiller(client)
-    engine = AdmissionEngine(client, admission_policy, filler, gateway_id="gw-down")
-    p = project_with(filler, snap=100)
-    d = await engine.admit(req(engine, "chat", p))
+    warm_filler = DictFiller(own_redis.patient)
+    warm = AdmissionEngine(own_redis.patient, admission_policy, warm_filler, gateway_id="gw-w")
+    p = project_with(warm_filler, snap=100)
+    d = await warm.admit(req(warm, "chat", p))
     assert d.hold is not None
-    proc.stop()  # type: ignore[attr-defined]
+    own_redis.proc.stop()
+    engine = AdmissionEngine(client, admission_policy, DictFiller(client), gateway_id="gw-down")
     down = await engine.admit(req(engine, "chat", p))
     assert not down.admitted and down.reason is Reason.UNAVAILABLE
     assert down.retry_after_seconds == 1 and not down.degraded
@@ -423,9 +442,9 @@ async def test_redis_down_is_fast_unavailable_or_degraded(
 
 
 async def test_scripts_reloaded_after_script_flush(
-    own_redis: tuple[object, aioredis.Redis], admission_policy: Policy
+    own_redis: OwnRedis, admission_policy: Policy
 ) -> None:
-    _, client = own_redis
+    client = own_redis.patient
     filler = DictFiller(client)
     engine = AdmissionEngine(client, admission_policy, filler, gateway_id="gw-flush")
     p = project_with(filler, snap=100)

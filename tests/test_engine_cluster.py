@@ -68,7 +68,9 @@ async def test_admit_commit_release_on_every_node(
     engine, filler = cluster_engine
     projects = await spread_projects(engine, filler, admission_cluster, 16)
     ds = await asyncio.gather(*(engine.admit(req(engine, "chat", p)) for p in projects))
-    assert all(d.admitted and d.hold is not None for d in ds)
+    assert all(d.admitted and d.hold is not None for d in ds), [
+        (d.reason, d.detail) for d in ds if not d.admitted
+    ]
     assert filler.calls == len(projects)
     outs = await asyncio.gather(
         *(

@@ -80,7 +80,9 @@ class AdmissionMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        client = build_client(RedisSettings(url=self.redis_url, socket_timeout_s=5.0))
+        client = build_client(
+            RedisSettings(url=self.redis_url, socket_timeout_s=5.0, connect_timeout_s=5.0)
+        )
         assert isinstance(client, aioredis.Redis)
         self.client = client
         self.store = Store(client, gateway_id=GATEWAY)
@@ -190,18 +192,11 @@ class AdmissionMachine(RuleBasedStateMachine):
     ) -> None:
         self.admit(data, cost, times, quotas, weight, ttl_s, overage)
 
-    def admit_one(
-        self,
-        project: str,
-        cost: int,
-        quotas: list[str],
-        weight: int,
-        ttl_s: int,
-        overage: bool,
-    ) -> None:
-        shard = self.shard(project)
-        op = AdmitOp(
-            shard=shard,
+    def make_op(
+        self, project: str, cost: int, quotas: list[str], weight: int, ttl_s: int, overage: bool
+    ) -> AdmitOp:
+        return AdmitOp(
+            shard=self.shard(project),
             project_id=project,
             op_id=uuid.uuid4().hex,
             cost=cost,
@@ -213,40 +208,136 @@ class AdmissionMachine(RuleBasedStateMachine):
             unsettled_limit=DEFAULT_UNSL,
             quotas=tuple(QUOTAS[q] for q in quotas),
         )
+
+    def fill_both(self, project: str) -> None:
+        """The cache fill of a cold project, in Redis and in the model."""
+        snap = self.snapshots[project]
+        self.run(write_snapshot(self.client, project, snap, SHARDS))
+        self.model.apply_snapshot(
+            project,
+            snap=snap.snap,
+            ver=snap.ver,
+            state=snap.state,
+            low=snap.low,
+            od=snap.od,
+            gu=snap.gu,
+            unsl=snap.unsl,
+        )
+        # A fill replaces the project's quota overrides with the authority's.
+        self.model.quota_defs[project] = dict(snap.quotas)
+        for name in QUOTAS:
+            self.epoch[(project, name)] += 1
+
+    def admit_one(
+        self,
+        project: str,
+        cost: int,
+        quotas: list[str],
+        weight: int,
+        ttl_s: int,
+        overage: bool,
+    ) -> None:
+        op = self.make_op(project, cost, quotas, weight, ttl_s, overage)
         real = self.admit_real(op)
         expect = self.admit_model(op, real.now_ms)
         if real.status == m.COLD:
             assert expect.status == m.COLD
-            snap = self.snapshots[project]
-            self.run(write_snapshot(self.client, project, snap, SHARDS))
-            self.model.apply_snapshot(
-                project,
-                snap=snap.snap,
-                ver=snap.ver,
-                state=snap.state,
-                low=snap.low,
-                od=snap.od,
-                gu=snap.gu,
-                unsl=snap.unsl,
-            )
-            # A fill replaces the project's quota overrides with the authority's.
-            self.model.quota_defs[project] = dict(snap.quotas)
-            for name in QUOTAS:
-                self.epoch[(project, name)] += 1
+            self.fill_both(project)
             real = self.admit_real(op)
             expect = self.admit_model(op, real.now_ms)
         self.compare_admit(real, expect)
+        self.record(op, real)
+
+    def record(self, op: AdmitOp, real: AdmitResult) -> None:
         if real.status == m.ADMITTED:
             for q in real.quotas:
                 if q.kind is QuotaKind.RATE:
-                    key = (project, q.name)
+                    key = (op.project_id, q.name)
                     self.rate_log[key].append(
                         Admitted(
-                            real.now_ms, weight, q.limit, q.window_seconds * 1000, self.epoch[key]
+                            real.now_ms,
+                            op.weight,
+                            q.limit,
+                            q.window_seconds * 1000,
+                            self.epoch[key],
                         )
                     )
         if real.hold_created:
-            self.handles.append(Handle(op.op_id, project, shard, cost, real.counters))
+            self.handles.append(Handle(op.op_id, op.project_id, op.shard, op.cost, real.counters))
+
+    @rule(data=st.data(), n=st.integers(2, 8))
+    def admit_batch(self, data: st.DataObject, n: int) -> None:
+        """Several ops in one script call per shard (the engine's batching), in order."""
+        by_shard: dict[int, list[AdmitOp]] = defaultdict(list)
+        for _ in range(n):
+            op = self.make_op(
+                data.draw(st.sampled_from(self.projects)),
+                data.draw(st.sampled_from([0, 0, 1, 5, 10, 30])),
+                data.draw(st.lists(st.sampled_from(sorted(QUOTAS)), unique=True, max_size=3)),
+                data.draw(st.integers(1, 3)),
+                data.draw(st.sampled_from([1, 2, 5])),
+                data.draw(st.booleans()),
+            )
+            by_shard[op.shard].append(op)
+        results, _ = self.run(self.store.run(by_shard, {}))
+        cold: list[AdmitOp] = []
+        for shard, ops in by_shard.items():
+            res = results[shard]
+            assert not isinstance(res, BaseException), res
+            assert len(res) == len(ops)
+            for op, real in zip(ops, res, strict=True):
+                expect = self.admit_model(op, real.now_ms)
+                self.compare_admit(real, expect)
+                if real.status == m.COLD:
+                    cold.append(op)
+                else:
+                    self.record(op, real)
+        for project in dict.fromkeys(op.project_id for op in cold):
+            self.fill_both(project)
+        for op in cold:
+            real = self.admit_real(op)
+            self.compare_admit(real, self.admit_model(op, real.now_ms))
+            self.record(op, real)
+
+    @precondition(lambda self: len(self.handles) >= 2)
+    @rule(data=st.data(), k=st.integers(2, 5))
+    def settle_batch(self, data: st.DataObject, k: int) -> None:
+        """Several settles in one script call per shard; the same hold may appear twice."""
+        by_shard: dict[int, list[tuple[Handle, SettleOp]]] = defaultdict(list)
+        for _ in range(k):
+            h = data.draw(st.sampled_from(self.handles))
+            kind = data.draw(st.sampled_from(["COMMIT", "RELEASE"]))
+            amount = data.draw(st.sampled_from([-1, 0, h.amount, h.amount + 1]))
+            op = SettleOp(
+                h.shard,
+                h.hold_id,
+                kind,
+                amount if kind == "COMMIT" else 0,
+                keys.wallet(h.shard, h.project),
+                h.counters,
+            )
+            by_shard[h.shard].append((h, op))
+        _, results = self.run(
+            self.store.run({}, {s: [op for _, op in v] for s, v in by_shard.items()})
+        )
+        for shard, items in by_shard.items():
+            res = results[shard]
+            assert not isinstance(res, BaseException), res
+            for (h, op), real in zip(items, res, strict=True):
+                want = self.model.settle(
+                    now=real.now_ms, hold_id=op.hold_id, kind=op.kind, amount=op.amount
+                )
+                assert (int(real.status), real.state, real.amount) == (
+                    want.status,
+                    want.state,
+                    want.amount,
+                )
+                if real.status is SettleStatus.ENDED:
+                    if op.kind == "COMMIT" and real.amount > h.amount:
+                        self.overage_seen.add(h.project)
+                    if h in self.handles:
+                        self.handles.remove(h)
+                    self.ended.append(h)
 
     def admit_real(self, op: AdmitOp) -> AdmitResult:
         results, _ = self.run(self.store.run({op.shard: [op]}, {}))
@@ -610,7 +701,7 @@ def test_scripts_match_the_model(redis_proc: RedisProcess) -> None:
 
 async def _reset_clocks(url: str) -> None:
     """The virtual clock offsets must not leak into other tests sharing this Redis."""
-    client = build_client(RedisSettings(url=url))
+    client = build_client(RedisSettings(url=url, socket_timeout_s=5.0, connect_timeout_s=5.0))
     try:
         await client.delete(*(keys.clock_offset(s) for s in range(SHARDS)))
     finally:
