@@ -7,8 +7,13 @@ an aiohttp client) with a fixed number of connections for a fixed time. Run:
 
 Servers: bare (trivial handler), plugin (setup(): one credit hold + one rate quota + one
 concurrency quota per request, flusher running), plugin-no-flusher (the same, settlement left
-to another process), redis-peer (one INCR + check per request),
+to another process: the outbox just grows), plugin-ext-flusher (the same, with a separate
+`creditgate flusher` process settling), redis-peer (one INCR + check per request),
 grpc-peer (one CheckAdmission call to the authority per request).
+
+Besides req/s the report gives the CPU time per request (us) of the server, Redis, the
+authority and the external flusher, from /proc, over the measured runs. `--pin` pins the server
+to CPU 0 and the load generator to CPU 1 (taskset), the same for every configuration.
 """
 
 from __future__ import annotations
@@ -58,7 +63,14 @@ cost = 1
 quotas = ["requests", "concurrent"]
 """
 
-SERVERS = ("bare", "plugin", "plugin-no-flusher", "redis-peer", "grpc-peer")
+SERVERS = (
+    "bare",
+    "plugin",
+    "plugin-no-flusher",
+    "plugin-ext-flusher",
+    "redis-peer",
+    "grpc-peer",
+)
 PEER_LIMIT = 10**12
 
 
@@ -226,9 +238,10 @@ def run_load(args: argparse.Namespace) -> None:
 _WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def _wrk(url: str, token: str, connections: int, seconds: float) -> dict[str, Any]:
+def _wrk(url: str, token: str, connections: int, seconds: float, pin: list[str]) -> dict[str, Any]:
     out = subprocess.run(
         [
+            *pin,
             "wrk",
             "-t1",
             f"-c{connections}",
@@ -285,11 +298,21 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 20.
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def _spawn(mode: str, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+def _spawn(mode: str, *extra: str, pin: list[str] = []) -> tuple[subprocess.Popen[bytes], int]:  # noqa: B006
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, __file__, mode, "--port", str(port), *extra])
+    proc = subprocess.Popen([*pin, sys.executable, __file__, mode, "--port", str(port), *extra])
     _wait_port(port, proc)
     return proc, port
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (and its reaped children), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14..17.
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -333,7 +356,7 @@ async def _create_project(target: str, token: str, project: str) -> str:
 
 def _measure(url: str, token: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.loader == "wrk":
-        return _wrk(url, token, args.connections, args.seconds)
+        return _wrk(url, token, args.connections, args.seconds, _pin(args, "1"))
     out = subprocess.run(
         [
             sys.executable,
@@ -364,7 +387,8 @@ def orchestrate(args: argparse.Namespace) -> None:
             raise SystemExit(f"unknown server {s!r}; choose from {', '.join(SERVERS)}")
     if args.loader == "auto":
         args.loader = "wrk" if shutil.which("wrk") else "aiohttp"
-    token = secrets.token_urlsafe(24)
+    # A leading "-" would read as an option to the children's argparse.
+    token = "t" + secrets.token_urlsafe(24)
     workdir = Path(tempfile.mkdtemp(prefix="cg-bench-"))
     redis = start_redis()
     authority, authority_port = _spawn("authority", "--db", str(workdir / "a.db"), "--token", token)
@@ -384,17 +408,30 @@ def orchestrate(args: argparse.Namespace) -> None:
             project,
         ]
         for name in servers:
-            proc, port = _spawn(name, *common)
+            mode = "plugin-no-flusher" if name == "plugin-ext-flusher" else name
+            proc, port = _spawn(mode, *common, pin=_pin(args, "0"))
+            ext: subprocess.Popen[bytes] | None = None
+            if name == "plugin-ext-flusher":
+                ext = _start_flusher(redis.url, target, token)
             try:
                 url = f"http://127.0.0.1:{port}/work"
                 warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
                 _measure(url, secret, warm)
+                pids = {"server": proc.pid, "redis": redis.proc.pid, "authority": authority.pid}
+                if ext is not None:
+                    pids["flusher"] = ext.pid
+                cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
                 runs = [_measure(url, secret, args) for _ in range(args.repeat)]
+                cpu1 = {k: _cpu_seconds(v) for k, v in pids.items()}
+                requests = sum(r["rps"] for r in runs) * args.seconds
                 best = max(runs, key=lambda r: r["rps"])
                 best["rps_runs"] = [round(r["rps"]) for r in runs]
                 best["rps_median"] = statistics.median(r["rps"] for r in runs)
+                best["cpu_us"] = {k: (cpu1[k] - cpu0[k]) / requests * 1e6 for k in pids}
                 results[name] = best
             finally:
+                if ext is not None:
+                    _stop(ext)
                 _stop(proc)
     finally:
         _stop(authority)
@@ -403,22 +440,50 @@ def orchestrate(args: argparse.Namespace) -> None:
     _report(results, args)
 
 
+def _pin(args: argparse.Namespace, cpu: str) -> list[str]:
+    return ["taskset", "-c", cpu] if args.pin else []
+
+
+def _start_flusher(redis_url: str, target: str, token: str) -> subprocess.Popen[bytes]:
+    """`creditgate flusher` (settlement only) as its own process, like a production deployment."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway_plugin.cli",
+            "flusher",
+            f"--redis={redis_url}",
+            f"--authority={target}",
+            f"--token={token}",
+            "--no-watch",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> None:
     bare = results.get("bare", {}).get("rps_median")
     print(
         f"\nloader={args.loader} connections={args.connections} seconds={args.seconds} "
-        f"repeat={args.repeat} cpus={os.cpu_count()}"
+        f"repeat={args.repeat} cpus={os.cpu_count()} pin={args.pin} "
+        f"load average at end={os.getloadavg()[0]:.2f}"
     )
     print(
         f"{'server':<18}{'req/s (median)':>16}{'p50 ms':>10}{'p99 ms':>10}{'vs bare':>10}"
-        f"{'non-2xx':>10}  runs"
+        f"{'non-2xx':>10}  cpu us/req (server redis authority flusher)  runs"
     )
     for name, r in results.items():
         ratio = f"{r['rps_median'] / bare:.2f}" if bare else "-"
         print(
             f"{name:<18}{r['rps_median']:>16.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-            f"{ratio:>10}{r['non_2xx']:>10}  {r['rps_runs']}"
+            f"{ratio:>10}{r['non_2xx']:>10}  {_cpu_text(r['cpu_us']):<42} {r['rps_runs']}"
         )
+
+
+def _cpu_text(cpu: dict[str, float]) -> str:
+    order = ("server", "redis", "authority", "flusher")
+    return " ".join(f"{cpu[k]:.0f}" if k in cpu else "-" for k in order)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -434,6 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--connections", type=int, default=50)
         p.add_argument("--servers", default=",".join(SERVERS))
         p.add_argument("--loader", choices=("auto", "wrk", "aiohttp"), default="auto")
+        p.add_argument("--pin", action="store_true", help="taskset: server CPU 0, load CPU 1")
     modes: dict[str, Callable[[argparse.Namespace], None]] = {
         "bare": serve_bare,
         "plugin": serve_plugin,

@@ -24,6 +24,7 @@ from aiohttp import web
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 class ListenError(OSError):
@@ -87,6 +88,8 @@ async def serve(opts: ServeOptions, *, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A worker starts with these blocked (see run_workers); one sent early is delivered now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     app = _build_app(opts)
     runner = web.AppRunner(app, shutdown_timeout=opts.shutdown_timeout, access_log=None)
     await runner.setup()
@@ -135,20 +138,25 @@ def run_workers(opts: ServeOptions) -> int:
 
     def forward(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
-        print(f"DBG parent forward {signum} stopping={stopping}", file=sys.stderr, flush=True)
         stopping = True
         for p in procs:
             if p.pid is not None and p.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGTERM)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in _STOP_SIGNALS}
     from prometheus_client import multiprocess
 
     code = 0
     try:
-        for p in procs:
-            p.start()
+        # The signal mask survives fork+exec: a worker still importing when SIGTERM comes keeps
+        # it pending until its handler is installed, instead of dying from the default action.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         alive = list(procs)
         while alive:
             # Any worker ending (crash or signal) stops the others: a half-sized gateway on a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import signal
 import sys
 import uuid
@@ -473,16 +474,17 @@ async def test_serve_command_smoke(
         env=env,
     )
     try:
-        # Each worker prints its banner once it listens.
-        banners: list[bytes] = []
+        # Each worker prints its banner (with its pid) once it listens.
+        pids: set[bytes] = set()
         assert proc.stdout is not None and proc.stderr is not None
-        while len(banners) < workers:
+        while len(pids) < workers:
             line = await asyncio.wait_for(proc.stdout.readline(), 30)
             if not line:
                 err = await proc.stderr.read()
                 raise AssertionError(f"gateway exited early: {err.decode()}")
-            banners.append(line)
-        assert all(b"creditgate gateway pid" in b for b in banners), banners
+            m = re.match(rb"creditgate gateway pid (\d+) on ", line)
+            assert m, line
+            pids.add(m.group(1))
         requests = 12
         # A fresh connection per request lets the kernel spread them over both workers.
         connector = aiohttp.TCPConnector(force_close=True)
@@ -502,12 +504,17 @@ async def test_serve_command_smoke(
         ]
         assert sum(float(line.rsplit(" ", 1)[1]) for line in admitted) == requests, admitted
         proc.send_signal(signal.SIGTERM)
-        _out, err = await asyncio.wait_for(proc.communicate(), 60)
+        try:
+            _out, err = await asyncio.wait_for(proc.communicate(), 45)
+        except TimeoutError:
+            proc.kill()
+            _out, err = await proc.communicate()
+            raise AssertionError(f"no clean exit on SIGTERM: {err.decode()}") from None
         assert proc.returncode == 0, err.decode()
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
+            await proc.communicate()
     # The workers' cleanups drained their outboxes into the authority before exiting.
     token = authority.config.admin_token
     await wait_usage(authority_stub, token, project, (requests * COST, requests), 5)
