@@ -18,12 +18,13 @@ OrphanHandler = Callable[[AdmitOp, AdmitResult], None]
 class Batcher:
     """Queues operations per shard and flushes them all with one Store.run per tick.
 
-    Theory of operation: the first operation of a tick schedules `_flush` with call_soon, so
-    every caller that runs before it (e.g. the tasks of one gather, or the requests aiohttp
-    dispatched in one loop iteration) joins the same batch. `_flush` hands the batch to a new
-    task; callers await plain futures. A caller cancelled while waiting cancels only its future;
-    when the batch returns an admitted hold for a cancelled future, `on_orphan` gets it so the
-    engine can release the hold nobody will end.
+    Theory of operation: the first operation of a tick creates the task that runs the batch.
+    A new task's first step runs in a later loop iteration, so every caller that runs before it
+    (e.g. the tasks of one gather, or the requests aiohttp dispatched in one loop iteration)
+    joins the same batch; the task takes the queues when it starts. Callers await plain
+    futures. A caller cancelled while waiting cancels only its future; when the batch returns
+    an admitted hold for a cancelled future, `on_orphan` gets it so the engine can release the
+    hold nobody will end.
     """
 
     def __init__(self, store: Store, on_orphan: OrphanHandler) -> None:
@@ -48,36 +49,28 @@ class Batcher:
 
     @property
     def busy(self) -> bool:
-        return bool(self._tasks) or self._scheduled
+        return bool(self._tasks)
 
     async def drain(self) -> None:
         """Wait until every batch handed to Redis has come back."""
-        while self._tasks or self._scheduled:
-            if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
-            else:
-                await asyncio.sleep(0)  # let the scheduled flush run (a tick, not a time wait)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _schedule(self) -> None:
+        # One task per tick, created at once: a call_soon hop before it would cost a loop
+        # iteration per batch and batch nothing more.
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            task = asyncio.get_running_loop().create_task(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _flush(self) -> None:
+    async def _run(self) -> None:
         self._scheduled = False
         admits, self._admits = self._admits, {}
         settles, self._settles = self._settles, {}
         if not admits and not settles:
             return
-        task = asyncio.get_running_loop().create_task(self._run(admits, settles))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run(
-        self,
-        admits: dict[int, list[tuple[AdmitOp, asyncio.Future[AdmitResult]]]],
-        settles: dict[int, list[tuple[SettleOp, asyncio.Future[SettleResult]]]],
-    ) -> None:
         try:
             a_res, s_res = await self._store.run(
                 {s: [op for op, _ in items] for s, items in admits.items()},

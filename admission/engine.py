@@ -6,6 +6,7 @@ Turns requests into batched Redis script operations and their results into Decis
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import re
 import secrets
@@ -83,6 +84,10 @@ class AdmissionEngine:
         self._id_prefix = secrets.token_hex(10)
         self._seq = itertools.count(1)
         self._quota_defs: dict[tuple[str, ...], tuple[QuotaDef, ...]] = {}
+        # Per route (by identity, for the policy it came from): its request template and the
+        # verdict of _invalid on everything except the project id, computed once.
+        self._routes: dict[int, tuple[Route, Policy, AdmitRequest, str | None]] = {}
+        self._wallet_keys: dict[tuple[int, str], str] = {}
         self.stats = EngineStats(self._store.stats)
 
     # -- requests ---------------------------------------------------------------------------
@@ -126,14 +131,14 @@ class AdmissionEngine:
             return "duplicate quota"
         return None
 
-    def _op(self, req: AdmitRequest) -> AdmitOp:
+    def _op(self, req: AdmitRequest, project_id: str) -> AdmitOp:
         quotas = self._quota_defs.get(req.quotas)
         if quotas is None:
             quotas = tuple(self.policy.quotas[q] for q in req.quotas)
             self._quota_defs[req.quotas] = quotas
         return AdmitOp(
-            self.shard_of(req.project_id),
-            req.project_id,
+            self.shard_of(project_id),
+            project_id,
             # Unique across processes and restarts (random prefix) and cheap (a counter): the id
             # is the hold id and the outbox event id the authority deduplicates on.
             f"{self._id_prefix}{next(self._seq):x}",
@@ -154,27 +159,46 @@ class AdmissionEngine:
         problem = self._invalid(req)
         if problem is not None:
             return Decision(False, Reason.INVALID_REQUEST, req.project_id, detail=problem)
+        return await self._admit(req, req.project_id, self._op(req, req.project_id))
+
+    async def admit_route(self, route: Route, project_id: str) -> Decision:
+        """admit(request_for(route, project_id)), with the route's checks done once per route."""
+        entry = self._routes.get(id(route))
+        if entry is None or entry[0] is not route or entry[1] is not self.policy:
+            if len(self._routes) >= 1024:
+                self._routes.clear()
+            template = self.request_for(route, "x")
+            entry = (route, self.policy, template, self._invalid(template))
+            self._routes[id(route)] = entry
+        req, problem = entry[2], entry[3]
+        if problem is None and not (type(project_id) is str and _PROJECT_RE.match(project_id)):
+            problem = f"bad project id {project_id!r}"
+        if problem is not None:
+            return Decision(False, Reason.INVALID_REQUEST, project_id, detail=problem)
+        return await self._admit(req, project_id, self._op(req, project_id))
+
+    async def _admit(self, req: AdmitRequest, project_id: str, op: AdmitOp) -> Decision:
+        """`req` may be a route's template: its project_id is not used, `project_id` is."""
         self.stats.admits += 1
-        op = self._op(req)
         unavailable = self.policy.settings.unavailable_retry_after_seconds
         try:
             res = await self._submit(op)
             if res.status is AdmitStatus.COLD:
                 self.stats.cold_fills += 1
                 try:
-                    known = await self._filler.fill(req.project_id)
+                    known = await self._filler.fill(project_id)
                 except AuthorityUnavailable as exc:
                     detail = f"project not cached and the authority is unreachable: {exc}"
-                    return _deny(req, Reason.UNAVAILABLE, unavailable, detail)
+                    return _deny(req, project_id, Reason.UNAVAILABLE, unavailable, detail)
                 if not known:
                     detail = "the authority does not know this project"
-                    return _deny(req, Reason.UNKNOWN_PROJECT, None, detail)
+                    return _deny(req, project_id, Reason.UNKNOWN_PROJECT, None, detail)
                 res = await self._submit(op)
                 if res.status is AdmitStatus.COLD:
                     detail = "the project snapshot is still missing after a cache fill"
-                    return _deny(req, Reason.UNAVAILABLE, unavailable, detail)
+                    return _deny(req, project_id, Reason.UNAVAILABLE, unavailable, detail)
         except (StoreUnavailable, RedisError, OSError) as exc:
-            return self._redis_down(req, exc)
+            return self._redis_down(req, project_id, exc)
         return self._decision(req, op, res)
 
     async def _submit(self, op: AdmitOp) -> AdmitResult:
@@ -190,7 +214,7 @@ class AdmissionEngine:
                     self._orphaned(op, res)
             raise
 
-    def _redis_down(self, req: AdmitRequest, exc: BaseException) -> Decision:
+    def _redis_down(self, req: AdmitRequest, project_id: str, exc: BaseException) -> Decision:
         self.stats.redis_down += 1
         route = self.policy.route(req.route)
         mode = route.on_redis_down if route is not None else ("deny" if req.cost > 0 else "allow")
@@ -198,13 +222,13 @@ class AdmissionEngine:
             return Decision(
                 True,
                 Reason.ADMITTED,
-                req.project_id,
+                project_id,
                 degraded=True,
                 shadow=req.shadow,
                 detail=f"redis unavailable: {exc}",
             )
         retry = self.policy.settings.unavailable_retry_after_seconds
-        decision = _deny(req, Reason.UNAVAILABLE, retry, f"redis unavailable: {exc}")
+        decision = _deny(req, project_id, Reason.UNAVAILABLE, retry, f"redis unavailable: {exc}")
         return replace(decision, degraded=decision.admitted)
 
     def _decision(self, req: AdmitRequest, op: AdmitOp, res: AdmitResult) -> Decision:
@@ -225,7 +249,7 @@ class AdmissionEngine:
             return Decision(
                 True,
                 Reason.ADMITTED,
-                req.project_id,
+                op.project_id,
                 hold=hold,
                 quotas=res.quotas,
                 wallet_state=res.wallet_state,
@@ -238,7 +262,7 @@ class AdmissionEngine:
             return Decision(
                 True,
                 Reason.ADMITTED,
-                req.project_id,
+                op.project_id,
                 quotas=res.quotas,
                 wallet_state=res.wallet_state,
                 low_balance=res.low,
@@ -258,7 +282,7 @@ class AdmissionEngine:
         return Decision(
             False,
             reason,
-            req.project_id,
+            op.project_id,
             quotas=res.quotas,
             retry_after_seconds=retry,
             wallet_state=res.wallet_state,
@@ -270,27 +294,70 @@ class AdmissionEngine:
 
     async def commit(self, hold: Hold, amount: int | None = None) -> SettleOutcome:
         """Commit `amount` (None: the held amount). Above the hold needs allow_overage."""
-        if amount is not None and (type(amount) is not int or not 0 <= amount <= MAX_AMOUNT):
-            return SettleOutcome(False, "INVALID", detail=f"bad commit amount {amount!r}")
-        return await self._settle(hold, "COMMIT", -1 if amount is None else amount)
+        return await self.end_hold(hold, True, amount)
 
     async def release(self, hold: Hold) -> SettleOutcome:
-        return await self._settle(hold, "RELEASE", 0)
+        return await self.end_hold(hold, False)
 
-    async def _settle(self, hold: Hold, kind: str, amount: int) -> SettleOutcome:
-        op = SettleOp(
-            hold.shard,
-            hold.hold_id,
-            kind,
-            amount,
-            keys.wallet(hold.shard, hold.project_id),
-            hold.counters,
-        )
-        try:
-            res = await self._settle_op(op)
-        except (StoreUnavailable, RedisError, OSError) as exc:
-            return SettleOutcome(False, "UNAVAILABLE", detail=f"redis unavailable: {exc}")
-        return _outcome(res)
+    def end_hold(
+        self, hold: Hold, commit: bool, amount: int | None = None
+    ) -> asyncio.Future[SettleOutcome]:
+        """commit() (commit=True) or release() without a coroutine or task of its own.
+
+        The operation joins the current tick's batch before this returns, so the caller may be
+        cancelled right after without losing it. The future gets the outcome (UNAVAILABLE when
+        Redis did not answer), an exception only for a bug.
+        """
+        out: asyncio.Future[SettleOutcome] = asyncio.get_running_loop().create_future()
+        if commit:
+            if amount is not None and (type(amount) is not int or not 0 <= amount <= MAX_AMOUNT):
+                out.set_result(
+                    SettleOutcome(False, "INVALID", detail=f"bad commit amount {amount!r}")
+                )
+                return out
+            kind, value = "COMMIT", -1 if amount is None else amount
+        else:
+            kind, value = "RELEASE", 0
+        wk = (hold.shard, hold.project_id)
+        wallet = self._wallet_keys.get(wk)
+        if wallet is None:
+            if len(self._wallet_keys) >= 50_000:
+                self._wallet_keys.clear()
+            wallet = self._wallet_keys[wk] = keys.wallet(hold.shard, hold.project_id)
+        op = SettleOp(hold.shard, hold.hold_id, kind, value, wallet, hold.counters)
+        self._batcher.settle(op).add_done_callback(functools.partial(self._settled, op, out, True))
+        return out
+
+    def _settled(
+        self,
+        op: SettleOp,
+        out: asyncio.Future[SettleOutcome],
+        may_retry: bool,
+        fut: asyncio.Future[SettleResult],
+    ) -> None:
+        if out.done():  # the caller cancelled it; the batch still ran
+            if not fut.cancelled():
+                fut.exception()
+            return
+        if fut.cancelled():
+            out.cancel()
+            return
+        exc = fut.exception()
+        if exc is not None:
+            if isinstance(exc, StoreUnavailable | RedisError | OSError):
+                out.set_result(
+                    SettleOutcome(False, "UNAVAILABLE", detail=f"redis unavailable: {exc}")
+                )
+            else:
+                out.set_exception(exc)
+            return
+        res = fut.result()
+        if res.status is SettleStatus.WRONG_KEYS and may_retry:
+            op = SettleOp(op.shard, op.hold_id, op.kind, op.amount, res.wallet_key, res.counters)
+            retry = self._batcher.settle(op)
+            retry.add_done_callback(functools.partial(self._settled, op, out, False))
+            return
+        out.set_result(_outcome(res))
 
     async def _settle_op(self, op: SettleOp) -> SettleResult:
         res = await self._batcher.settle(op)
@@ -343,13 +410,15 @@ class AdmissionEngine:
                 await asyncio.gather(*self._background, return_exceptions=True)
 
 
-def _deny(req: AdmitRequest, reason: Reason, retry: int | None, detail: str) -> Decision:
+def _deny(
+    req: AdmitRequest, project_id: str, reason: Reason, retry: int | None, detail: str
+) -> Decision:
     """A denial decided outside the scripts; a shadow route records it and admits."""
     if req.shadow:
         return Decision(
-            True, Reason.ADMITTED, req.project_id, shadow=True, would_deny=reason, detail=detail
+            True, Reason.ADMITTED, project_id, shadow=True, would_deny=reason, detail=detail
         )
-    return Decision(False, reason, req.project_id, retry_after_seconds=retry, detail=detail)
+    return Decision(False, reason, project_id, retry_after_seconds=retry, detail=detail)
 
 
 def _outcome(res: SettleResult) -> SettleOutcome:

@@ -59,7 +59,8 @@ def _require(binary: str) -> str:
     path = shutil.which(binary)
     if path is None:
         raise RuntimeError(
-            f"{binary} not found: install it (apt-get install redis-server) - tests need a real Redis"
+            f"{binary} not found: install it (apt-get install redis-server);"
+            " the tests need a real Redis"
         )
     return path
 
@@ -102,10 +103,26 @@ def start_redis(*extra: str, workdir: Path | None = None, cluster: bool = False)
     port = free_port(below=55535 if cluster else 65536)
     wd = workdir or Path(tempfile.mkdtemp(prefix="cg-redis-"))
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--databases", str(DATABASES),
-         "--dir", str(wd), "--logfile", str(wd / "redis.log"), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--databases",
+            str(DATABASES),
+            "--dir",
+            str(wd),
+            "--logfile",
+            str(wd / "redis.log"),
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, proc=proc)
@@ -138,18 +155,41 @@ def start_redis_cluster(masters: int = 3) -> RedisCluster:
     try:
         for _ in range(masters):
             wd = Path(tempfile.mkdtemp(prefix="cg-rcluster-"))
-            cluster.nodes.append(start_redis(
-                "--cluster-enabled", "yes", "--cluster-config-file", str(wd / "nodes.conf"),
-                "--cluster-node-timeout", "2000", workdir=wd, cluster=True))
+            cluster.nodes.append(
+                start_redis(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(wd / "nodes.conf"),
+                    "--cluster-node-timeout",
+                    "2000",
+                    workdir=wd,
+                    cluster=True,
+                )
+            )
         subprocess.run(
-            [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in cluster.nodes],
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=30,
+            [
+                cli,
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in cluster.nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         end = time.monotonic() + 20
         while time.monotonic() < end:
-            out = subprocess.run([cli, "-p", str(cluster.nodes[0].port), "cluster", "info"],
-                                 capture_output=True, text=True, timeout=5).stdout
+            out = subprocess.run(
+                [cli, "-p", str(cluster.nodes[0].port), "cluster", "info"],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout
             if "cluster_state:ok" in out:
                 return cluster
             time.sleep(0.05)  # polling cluster_state with a deadline
