@@ -250,3 +250,11 @@ async def outbox_events(client: Client, project_id: str, shards: int = 16) -> li
     entries = await client.xrange(keys.outbox(keys.shard_of(project_id, shards)))
     events = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
     return [e for e in events if e[keys.E_PROJECT] == project_id]
+
+
+@pytest.fixture
+async def rclient(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on a logical database only this test uses: its outbox streams are its own."""
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
+    yield client
+    await client.aclose()

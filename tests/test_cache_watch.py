@@ -24,8 +24,8 @@ from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_authority import admin_md, authority_config, make_wallet, new_project_id
-from tests.services import RedisProcess, free_port
-from tests.test_flusher import SHARDS, TEST_DB, authority_client_for, wallet_hash
+from tests.services import free_port
+from tests.test_flusher import SHARDS, authority_client_for, wallet_hash
 
 UNSL = 5000
 
@@ -37,13 +37,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 1.0
             if await check():
                 return
             await asyncio.sleep(0.005)  # polling a condition with a deadline
-
-
-@pytest.fixture
-async def rclient(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(port=redis_proc.port, db=TEST_DB, socket_timeout=5)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

@@ -29,11 +29,9 @@ from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_authority import authority_config, make_wallet, new_project_id
-from tests.services import RedisProcess
 from tests.test_flusher import (
     POLICY,
     SHARDS,
-    TEST_DB,
     authority_client_for,
     charge,
     drain_all,
@@ -41,15 +39,6 @@ from tests.test_flusher import (
     make_policy,
     wallet_hash,
 )
-
-
-@pytest.fixture
-async def rclient(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(port=redis_proc.port, db=TEST_DB, socket_timeout=5)
-    yield client
-    await client.delete(*(keys.outbox(s) for s in range(SHARDS)))
-    await client.delete(*(keys.clock_offset(s) for s in range(SHARDS)))
-    await client.aclose()
 
 
 @pytest.fixture
@@ -274,7 +263,7 @@ async def test_cli_flusher_settles_then_drains_on_sigterm(
     authority_stub: pb_grpc.CreditServiceAsyncStub,
     rclient: aioredis.Redis,
     auth_client: AuthorityClient,
-    redis_proc: RedisProcess,
+    redis_url: str,
     tmp_path: Path,
 ) -> None:
     registry = CollectorRegistry()
@@ -291,7 +280,7 @@ async def test_cli_flusher_settles_then_drains_on_sigterm(
         "gateway_plugin.cli",
         "flusher",
         "--redis",
-        f"redis://127.0.0.1:{redis_proc.port}/{TEST_DB}",
+        redis_url,
         "--authority",
         authority.grpc_target,
         "--token",

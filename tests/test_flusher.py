@@ -23,7 +23,7 @@ from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_authority import admin_md, make_wallet, new_project_id
-from tests.services import RedisCluster, RedisProcess
+from tests.services import RedisCluster
 
 SHARDS = 16
 
@@ -85,18 +85,8 @@ def authority_client_for(srv: AuthorityServer) -> AuthorityClient:
     )
 
 
-# The outbox streams are shared by every project of a shard: these tests use their own logical
-# database so that entries of other test files never reach their flushers, and they delete
-# their streams afterwards so that each test starts with empty outboxes.
-TEST_DB = 3
-
-
-@pytest.fixture
-async def rclient(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(port=redis_proc.port, db=TEST_DB, socket_timeout=5)
-    yield client
-    await client.delete(*(keys.outbox(s) for s in range(SHARDS)))
-    await client.aclose()
+# `rclient` (tests/fixtures_admission.py) is on a logical database of this test's own, so the
+# outbox streams hold only this test's entries.
 
 
 @pytest.fixture

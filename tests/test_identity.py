@@ -21,9 +21,9 @@ from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_authority import admin_md, make_wallet, new_project_id
-from tests.services import RedisProcess, free_port
+from tests.services import free_port
 from tests.test_cache_watch import eventually
-from tests.test_flusher import SHARDS, TEST_DB, authority_client_for
+from tests.test_flusher import SHARDS, authority_client_for
 
 TRUSTED = ("10.0.0.0/8", "::1/128")
 
@@ -36,13 +36,6 @@ class FakeMonotonic:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def rclient(redis_proc: RedisProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis(port=redis_proc.port, db=TEST_DB, socket_timeout=5)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
