@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import hashlib
 import ipaddress
 import logging
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from multidict import CIMultiDict, CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -62,8 +64,8 @@ def key_hash(secret: str) -> str:
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
-    if value is not None:
-        return value
+    if value is not None or isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        return value  # aiohttp's headers are case-insensitive already
     lowered = name.lower()
     for key, candidate in headers.items():
         if key.lower() == lowered:
@@ -80,6 +82,13 @@ def extract_secret(headers: Mapping[str, str]) -> str | None:
             return token.strip()
     api_key = _header(headers, "X-Api-Key")
     return api_key.strip() if api_key is not None else None
+
+
+class _Miss(enum.Enum):
+    MISS = enum.auto()
+
+
+_MISS = _Miss.MISS
 
 
 class IdentityResolver:
@@ -111,6 +120,12 @@ class IdentityResolver:
         # so it is used for its own request but neither cached here nor written to Redis.
         self._evictions = 0
         self._metrics = authority_metrics(registry)
+        resolutions = self._metrics.key_resolutions
+        self._local_valid = resolutions.labels(source="local", result="valid")
+        self._local_invalid = resolutions.labels(source="local", result="invalid")
+        self._format_invalid = resolutions.labels(source="format", result="invalid")
+        # secret -> its sha256 hex: a pure function, so caching it changes no answer.
+        self._digests: dict[str, str] = {}
 
     # ---------------------------------------------------------------- KeyCache (Watch)
 
@@ -138,9 +153,9 @@ class IdentityResolver:
 
     async def identify(self, headers: Mapping[str, str], peer_ip: str | None) -> Identity | Reason:
         """The caller's project, or the denial reason (MISSING/INVALID_CREDENTIAL, ...)."""
-        claimed = _header(headers, PROJECT_HEADER)
         # SECURITY (invariant 8): a client-supplied project id is honoured only from a
         # configured proxy network; from anyone else the header is ignored.
+        claimed = _header(headers, PROJECT_HEADER) if self._networks else None
         if claimed is not None and self.is_trusted_proxy(peer_ip):
             claimed = claimed.strip()
             if not PROJECT_RE.match(claimed):
@@ -149,10 +164,19 @@ class IdentityResolver:
         secret = extract_secret(headers)
         if secret is None or secret == "":
             return Reason.MISSING_CREDENTIAL
-        if not SECRET_RE.match(secret):
-            self._metrics.key_resolutions.labels(source="format", result="invalid").inc()
-            return Reason.INVALID_CREDENTIAL
-        digest = key_hash(secret)
+        digest = self._digests.get(secret)
+        if digest is None:
+            if not SECRET_RE.match(secret):
+                self._format_invalid.inc()
+                return Reason.INVALID_CREDENTIAL
+            if len(self._digests) >= max(self.config.cache_size, 1):
+                self._digests.clear()
+            digest = self._digests[secret] = key_hash(secret)
+        cached = self._local(digest)
+        if cached is not _MISS:
+            if cached is None:
+                return Reason.INVALID_CREDENTIAL
+            return Identity(project_id=cached, key_hash=digest)
         try:
             project_id = await self.resolve_hash(digest)
         except AuthorityUnavailable:
@@ -171,23 +195,29 @@ class IdentityResolver:
             return None
         return await self.resolve_hash(key_hash(secret))
 
-    async def resolve_hash(self, digest: str) -> str | None:
+    def _local(self, digest: str) -> str | _Miss | None:
+        """The local cache's fresh answer for a key hash, or _MISS."""
         cached = self._cache.get(digest)
-        if cached is not None:
-            project_id, learnt = cached
-            if project_id is None:
-                ttl = self.config.negative_ttl_s
-            elif self._watch_connected:
-                ttl = self.config.positive_ttl_s
-            else:
-                ttl = self.config.disconnected_ttl_s
-            if self._clock() - learnt < ttl:
-                self._cache.move_to_end(digest)
-                self._metrics.key_resolutions.labels(
-                    source="local", result="valid" if project_id else "invalid"
-                ).inc()
-                return project_id
-            del self._cache[digest]
+        if cached is None:
+            return _MISS
+        project_id, learnt = cached
+        if project_id is None:
+            ttl = self.config.negative_ttl_s
+        elif self._watch_connected:
+            ttl = self.config.positive_ttl_s
+        else:
+            ttl = self.config.disconnected_ttl_s
+        if self._clock() - learnt < ttl:
+            self._cache.move_to_end(digest)
+            (self._local_valid if project_id else self._local_invalid).inc()
+            return project_id
+        del self._cache[digest]
+        return _MISS
+
+    async def resolve_hash(self, digest: str) -> str | None:
+        cached = self._local(digest)
+        if cached is not _MISS:
+            return cached
         fut = self._inflight.get(digest)
         if fut is None:
             fut = asyncio.ensure_future(self._lookup(digest))

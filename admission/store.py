@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from admission import keys
 from admission.decision import QuotaKind, QuotaStatus, Reason, WalletState
@@ -87,7 +87,7 @@ class AdmitResult:
     now_ms: int  # the script's clock when it decided
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettleOp:
     shard: int
     hold_id: str
@@ -97,7 +97,7 @@ class SettleOp:
     counters: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettleResult:
     status: SettleStatus
     state: str
@@ -106,6 +106,11 @@ class SettleResult:
     wallet_key: str
     counters: tuple[str, ...]
     now_ms: int
+
+
+_SETTLE_STATUSES = {int(s): s for s in SettleStatus}
+# The states settle.lua answers, as they arrive (bytes), so the hot path decodes nothing.
+_SETTLE_STATES = {s.encode(): s for s in ("COMMITTED", "RELEASED", "EXPIRED", "ACTIVE", "UNKNOWN")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +138,24 @@ def _lua(name: str) -> str:
     return importlib.resources.files("admission").joinpath("lua", name).read_text("utf-8")
 
 
+def _bulk(text: str) -> bytes:
+    """One RESP bulk string."""
+    b = text.encode()
+    return b"$%d\r\n%b\r\n" % (len(b), b)
+
+
+def _pack(parts: Sequence[bytes], count: int) -> bytes:
+    """A RESP command from `count` bulk strings already encoded (some joined in `parts`)."""
+    return b"*%d\r\n%b" % (count, b"".join(parts))
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
 # A batch result: per (script, shard) the results of its ops, or the error that stopped it.
+# A script call: (keys, args) for redis-py (Cluster), or one packed RESP command (standalone).
+Call: TypeAlias = "tuple[list[str], list[str]] | bytes"
 Results: TypeAlias = "dict[tuple[str, int], list[Any] | BaseException]"
 
 
@@ -154,6 +172,14 @@ class Store:
         }
         self.stats = StoreStats()
         self._key_cache: dict[tuple[str, tuple[QuotaDef, ...]], list[str]] = {}
+        # Standalone Redis: commands are packed here from cached RESP fragments (redis-py's
+        # per-argument encoding was the largest cost of a batch). Per project+quotas: the
+        # fragments before the hold key and after it; per string: its bulk string.
+        self._frag_cache: dict[tuple[str, tuple[QuotaDef, ...]], tuple[bytes, bytes]] = {}
+        self._bulks: dict[str, bytes] = {}
+        self._heads = {
+            name: _bulk("EVALSHA") + _bulk(script.sha) for name, script in self._scripts.items()
+        }
 
     @property
     def cluster(self) -> bool:
@@ -187,23 +213,90 @@ class Store:
             ks += pk[:2]
             ks.append(keys.hold(shard, op.op_id))
             ks += pk[2:]
-            # One argument per op: encoding arguments is most of redis-py's cost per call.
-            parts = [
-                op.project_id,
-                op.op_id,
-                str(op.cost),
-                str(op.weight),
-                str(op.ttl_ms),
-                op.meter,
-                op.route,
-                "1" if op.allow_overage else "0",
-                str(op.unsettled_limit),
-                str(len(op.quotas)),
-            ]
-            for q in op.quotas:
-                parts += [q.name, q.kind.value, str(q.limit), str(q.window_seconds)]
-            args.append(" ".join(parts))
+            args.append(self._admit_arg(op))
         return ks, args
+
+    def _bulk_of(self, text: str) -> bytes:
+        """The bulk string of a string that repeats (keys of projects, shard keys)."""
+        b = self._bulks.get(text)
+        if b is None:
+            if len(self._bulks) >= _KEY_CACHE_MAX:
+                self._bulks.clear()
+            b = self._bulks[text] = _bulk(text)
+        return b
+
+    def _admit_packed(self, shard: int, ops: Sequence[AdmitOp]) -> bytes:
+        """_admit_call's EVALSHA as one RESP command, from cached fragments."""
+        bulk_of = self._bulk_of
+        hold_prefix = keys.hold(shard, "")
+        ks = [bulk_of(keys.hold_expiry(shard)), bulk_of(keys.clock_offset(shard))]
+        args = [_bulk(str(len(ops)))]
+        nkeys = 2
+        for op in ops:
+            ck = (op.project_id, op.quotas)
+            frags = self._frag_cache.get(ck)
+            if frags is None:
+                if len(self._frag_cache) >= _KEY_CACHE_MAX:
+                    self._frag_cache.clear()
+                pk = self._project_keys(op)
+                frags = self._frag_cache[ck] = (
+                    b"".join(_bulk(k) for k in pk[:2]),
+                    b"".join(_bulk(k) for k in pk[2:]),
+                )
+            ks += (frags[0], _bulk(hold_prefix + op.op_id), frags[1])
+            nkeys += 3 + 3 * len(op.quotas)
+            args.append(_bulk(self._admit_arg(op)))
+        return _pack([self._heads["admit"], _bulk(str(nkeys)), *ks, *args], 3 + nkeys + len(args))
+
+    @staticmethod
+    def _admit_arg(op: AdmitOp) -> str:
+        # One argument per op: encoding arguments is most of the client's cost per call.
+        parts = [
+            op.project_id,
+            op.op_id,
+            str(op.cost),
+            str(op.weight),
+            str(op.ttl_ms),
+            op.meter,
+            op.route,
+            "1" if op.allow_overage else "0",
+            str(op.unsettled_limit),
+            str(len(op.quotas)),
+        ]
+        for q in op.quotas:
+            parts += [q.name, q.kind.value, str(q.limit), str(q.window_seconds)]
+        return " ".join(parts)
+
+    def _settle_packed(self, shard: int, ops: Sequence[SettleOp]) -> bytes:
+        """_settle_call's EVALSHA as one RESP command."""
+        bulk_of = self._bulk_of
+        hold_prefix = keys.hold(shard, "")
+        ks = [
+            bulk_of(keys.hold_expiry(shard)),
+            bulk_of(keys.clock_offset(shard)),
+            bulk_of(keys.outbox(shard)),
+        ]
+        args = [
+            bulk_of(keys.wallet(shard, "")[: -len("w:")]),
+            bulk_of(self._gateway),
+            _bulk(str(len(ops))),
+        ]
+        for op in ops:
+            ks.append(_bulk(hold_prefix + op.hold_id))
+            nk = 0
+            if op.wallet_key is not None:
+                ks.append(bulk_of(op.wallet_key))
+                ks += [bulk_of(c) for c in op.counters]
+                nk = 1 + len(op.counters)
+            args += (
+                _bulk(op.hold_id),
+                bulk_of(op.kind),
+                _bulk(str(op.amount)),
+                bulk_of(str(nk)),
+            )
+        return _pack(
+            [self._heads["settle"], _bulk(str(len(ks))), *ks, *args], 3 + len(ks) + len(args)
+        )
 
     def _settle_call(self, shard: int, ops: Sequence[SettleOp]) -> tuple[list[str], list[str]]:
         ks = [keys.hold_expiry(shard), keys.clock_offset(shard), keys.outbox(shard)]
@@ -250,15 +343,15 @@ class Store:
 
     @staticmethod
     def _decode_settle(raw: list[Any]) -> SettleResult:
-        counters = tuple(_s(raw[5]).split())
+        state = _SETTLE_STATES.get(raw[1])
         return SettleResult(
-            SettleStatus(int(raw[0])),
-            _s(raw[1]),
-            int(raw[2]),
-            int(raw[3]),
-            _s(raw[4]),
-            counters,
-            int(raw[6]),
+            _SETTLE_STATUSES[raw[0]],
+            state if state is not None else _s(raw[1]),
+            raw[2],
+            raw[3],
+            _s(raw[4]) if raw[4] else "",
+            tuple(_s(raw[5]).split()) if raw[5] else (),
+            raw[6],
         )
 
     # -- running ----------------------------------------------------------------------------
@@ -272,22 +365,31 @@ class Store:
     ]:
         """Run every shard's batch; a failed shard maps to its StoreUnavailable."""
         self.stats.batches += 1
-        calls: list[tuple[str, int, int, list[str], list[str]]] = []
+        calls: list[tuple[str, int, int, Call]] = []
+        cluster = self._cluster
         for shard, ops in admits.items():
             for lo in range(0, len(ops), MAX_OPS_PER_CALL):
-                ks, args = self._admit_call(shard, ops[lo : lo + MAX_OPS_PER_CALL])
-                calls.append(("admit", shard, lo, ks, args))
+                chunk = ops[lo : lo + MAX_OPS_PER_CALL]
+                call = (
+                    self._admit_call(shard, chunk) if cluster else self._admit_packed(shard, chunk)
+                )
+                calls.append(("admit", shard, lo, call))
             self.stats.admit_ops += len(ops)
         for shard, sops in settles.items():
             for lo in range(0, len(sops), MAX_OPS_PER_CALL):
-                ks, args = self._settle_call(shard, sops[lo : lo + MAX_OPS_PER_CALL])
-                calls.append(("settle", shard, lo, ks, args))
+                schunk = sops[lo : lo + MAX_OPS_PER_CALL]
+                call = (
+                    self._settle_call(shard, schunk)
+                    if cluster
+                    else self._settle_packed(shard, schunk)
+                )
+                calls.append(("settle", shard, lo, call))
             self.stats.settle_ops += len(sops)
-        raw = await self._execute([(name, ks, args) for name, _, _, ks, args in calls])
+        raw = await self._execute([(name, call) for name, _, _, call in calls])
 
         admit_out: dict[int, list[AdmitResult] | BaseException] = {}
         settle_out: dict[int, list[SettleResult] | BaseException] = {}
-        for (name, shard, lo, _, _), res in zip(calls, raw, strict=True):
+        for (name, shard, lo, _), res in zip(calls, raw, strict=True):
             if name == "admit":
                 a_prev = admit_out.get(shard)
                 if isinstance(a_prev, BaseException):
@@ -310,8 +412,8 @@ class Store:
 
     async def due_holds(self, shards: Sequence[int], limit: int) -> dict[int, Due]:
         """Ids of expired holds per shard (Redis time); raises StoreUnavailable."""
-        calls = [
-            ("sweep", [keys.hold_expiry(s), keys.clock_offset(s)], [str(limit)]) for s in shards
+        calls: list[tuple[str, Call]] = [
+            ("sweep", ([keys.hold_expiry(s), keys.clock_offset(s)], [str(limit)])) for s in shards
         ]
         raw = await self._execute(calls)
         out: dict[int, Due] = {}
@@ -321,32 +423,60 @@ class Store:
             out[shard] = Due(int(res[0]), [_s(x) for x in res[1]])
         return out
 
-    async def _execute(
-        self, calls: Sequence[tuple[str, list[str], list[str]]]
-    ) -> list[Any | BaseException]:
+    async def _execute(self, calls: Sequence[tuple[str, Call]]) -> list[Any | BaseException]:
         if not calls:
             return []
         self.stats.script_calls += len(calls)
         if self._cluster:
             self.stats.round_trips += len(calls)
-            return list(await asyncio.gather(*(self._call_one(*c) for c in calls)))
-        return await self._pipeline(calls)
+            return list(
+                await asyncio.gather(
+                    *(
+                        self._call_one(name, *call)
+                        for name, call in calls
+                        if isinstance(call, tuple)
+                    )
+                )
+            )
+        packed = [
+            (name, call if isinstance(call, bytes) else self._pack_call(name, *call))
+            for name, call in calls
+        ]
+        return await self._pipeline(packed)
 
-    async def _pipeline(
-        self, calls: Sequence[tuple[str, list[str], list[str]]]
-    ) -> list[Any | BaseException]:
+    def _pack_call(self, name: str, ks: list[str], args: list[str]) -> bytes:
+        parts = [self._heads[name], _bulk(str(len(ks))), *(_bulk(x) for x in [*ks, *args])]
+        return _pack(parts, 3 + len(ks) + len(args))
+
+    async def _pipeline(self, calls: Sequence[tuple[str, bytes]]) -> list[Any | BaseException]:
+        """The calls, packed already, in one round trip on one pooled connection.
+
+        No retry after a connection error: a script may have run, and re-sending an admission
+        would apply it twice. A broken connection is closed by redis-py before it is pooled.
+        """
         client = self._client
         assert isinstance(client, aioredis.Redis)
+        pool = client.connection_pool
         results: list[Any | BaseException] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            pipe = client.pipeline(transaction=False)
-            for i in todo:
-                name, ks, args = calls[i]
-                pipe.execute_command("EVALSHA", self._scripts[name].sha, len(ks), *ks, *args)
             self.stats.round_trips += 1
+            raw: list[Any] = []
             try:
-                raw = await pipe.execute(raise_on_error=False)
+                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                try:
+                    await conn.send_packed_command([calls[i][1] for i in todo])
+                    for _ in todo:
+                        try:
+                            raw.append(await conn.read_response())
+                        except ResponseError as reply:  # an error reply; the stream stays in step
+                            raw.append(reply)
+                except BaseException:
+                    # Cancelled or failed half-way: replies may be left unread on the socket.
+                    await conn.disconnect(nowait=True)
+                    raise
+                finally:
+                    await pool.release(conn)
             except (RedisError, OSError) as exc:
                 self.stats.errors += 1
                 err = StoreUnavailable(f"redis: {exc!r}")

@@ -107,7 +107,6 @@ async def serve(opts: ServeOptions, *, reuse_port: bool = False) -> None:
             flush=True,
         )
         await stop.wait()
-        print(f"DBG {os.getpid()} got stop", file=sys.stderr, flush=True)
     finally:
         # Stops the listener, waits up to shutdown_timeout for handlers, then the plugin's
         # cleanup settles in-flight holds and drains the outbox to the authority.
@@ -115,9 +114,7 @@ async def serve(opts: ServeOptions, *, reuse_port: bool = False) -> None:
 
 
 def _worker(opts: ServeOptions) -> None:
-    print(f"DBG worker {os.getpid()} start", file=sys.stderr, flush=True)
     asyncio.run(serve(opts, reuse_port=True))
-    print(f"DBG worker {os.getpid()} done", file=sys.stderr, flush=True)
 
 
 def run_workers(opts: ServeOptions) -> int:

@@ -258,7 +258,7 @@ async def stats_handler(request: web.Request) -> web.Response:
 
 
 def _static_handler(name: str) -> Handler:
-    body = importlib.resources.files("gateway_plugin.static").joinpath(name).read_bytes()
+    body = importlib.resources.files("gateway_plugin").joinpath("static", name).read_bytes()
     content_type = _CONTENT_TYPES[name.rsplit(".", 1)[1]]
 
     async def handler(request: web.Request) -> web.StreamResponse:

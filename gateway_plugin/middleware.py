@@ -10,15 +10,18 @@ runs, and its outcome picks how the hold ends:
     ConnectionResetError / CancelledError / client gone   -> route.on_disconnect
     handler called usage(request).release()               -> release
 
-Ending a hold runs in a task owned by the plugin (GatewayState.settling), never in the request
-task: a cancelled request (client gone with handler cancellation on, or shutdown) cannot lose
-or half-send a commit. Headers of admitted responses are added in on_response_prepare, so
-streaming responses get them before their first byte.
+Ending a hold is queued into the engine's batch synchronously (engine.end_hold), never awaited
+in the request task: a cancelled request (client gone with handler cancellation on, or
+shutdown) cannot lose or half-send a commit. Its future is tracked in GatewayState.settling;
+only a commit/release that met a Redis outage gets a task (retries with backoff). Headers of
+admitted responses are added in on_response_prepare, so streaming responses get them before
+their first byte.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from admission.decision import Decision, Hold, Reason
+from admission.decision import Decision, Hold, Reason, SettleOutcome
 from gateway_plugin import headers as hdr
 from gateway_plugin.handle import USAGE_KEY, UsageHandle
 from gateway_plugin.problems import problem_response
@@ -94,7 +97,7 @@ def make_middleware(state: GatewayState) -> Middleware:
             if isinstance(who, Reason):
                 decision = _identity_denials[who]
             else:
-                decision = await engine.admit(engine.request_for(route, who.project_id))
+                decision = await engine.admit_route(route, who.project_id)
         observe(perf() - started)
         metrics.decision(decision.admitted, decision.reason).inc()
         project_decisions = metrics.project_decisions
@@ -152,20 +155,49 @@ def _deny(state: GatewayState, decision: Decision, path: str) -> web.Response:
 
 
 def _end(state: GatewayState, handle: UsageHandle, commit: bool) -> None:
-    """Starts ending the hold in a plugin-owned task; safe to call from a cancelled task."""
+    """Starts ending the hold (queued in this tick's batch); safe from a cancelled task."""
     handle.close()
     hold = handle.decision.hold
-    if hold is None:
+    engine = state.engine
+    if hold is None or engine is None:
         return
     if handle.released:
         commit = _RELEASE
     amount = handle.commit_amount() if commit else 0
-    task = asyncio.get_running_loop().create_task(_settle(state, hold, commit, amount))
-    state.settling.add(task)
-    task.add_done_callback(state.settling.discard)
+    fut = engine.end_hold(hold, commit, amount)
+    state.settling.add(fut)
+    fut.add_done_callback(functools.partial(_ended, state, hold, commit, amount))
+
+
+def _ended(
+    state: GatewayState,
+    hold: Hold,
+    commit: bool,
+    amount: int,
+    fut: asyncio.Future[SettleOutcome],
+) -> None:
+    try:
+        if fut.cancelled():  # shutdown gave up on it; the batch itself still ran
+            return
+        exc = fut.exception()
+        if exc is not None:
+            (state.metrics.commit_failed if commit else state.metrics.release_failed).inc()
+            log.error("ending hold %s of %s failed", hold.hold_id, hold.project_id, exc_info=exc)
+            return
+        outcome = fut.result()
+        if outcome.state == _UNAVAILABLE and not state.closing and state.settle_retry_seconds > 0:
+            # Added before `fut` leaves the set, so waiting for settling sees no gap.
+            task = asyncio.get_running_loop().create_task(_settle(state, hold, commit, amount))
+            state.settling.add(task)
+            task.add_done_callback(state.settling.discard)
+            return
+        _record(state, hold, commit, outcome)
+    finally:
+        state.settling.discard(fut)
 
 
 async def _settle(state: GatewayState, hold: Hold, commit: bool, amount: int) -> None:
+    """Retries a commit/release whose first attempt found Redis unavailable."""
     engine = state.engine
     metrics = state.metrics
     if engine is None:
@@ -174,22 +206,25 @@ async def _settle(state: GatewayState, hold: Hold, commit: bool, amount: int) ->
     deadline = time.monotonic() + state.settle_retry_seconds
     try:
         while True:
-            if commit:
-                outcome = await engine.commit(hold, amount)
-            else:
-                outcome = await engine.release(hold)
-            if outcome.state != _UNAVAILABLE:
-                break
             if time.monotonic() + backoff > deadline or state.closing:
+                outcome = SettleOutcome(False, _UNAVAILABLE, detail="redis unavailable")
                 break
             # Redis away: the hold is still ACTIVE there, so trying again is safe (a hold ends
             # once); if Redis stays away the sweeper expires the hold without a charge.
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _SETTLE_BACKOFF_MAX_S)
+            outcome = await engine.end_hold(hold, commit, amount)
+            if outcome.state != _UNAVAILABLE:
+                break
     except Exception:
         (metrics.commit_failed if commit else metrics.release_failed).inc()
         log.exception("ending hold %s of %s failed", hold.hold_id, hold.project_id)
         return
+    _record(state, hold, commit, outcome)
+
+
+def _record(state: GatewayState, hold: Hold, commit: bool, outcome: SettleOutcome) -> None:
+    metrics = state.metrics
     if outcome.ok:
         if commit:
             metrics.commit_ok.inc()

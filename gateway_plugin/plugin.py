@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,8 +54,9 @@ class GatewayState:
     engine: AdmissionEngine | None = None
     watch: WatchSubscriber | None = None
     flusher: Flusher | None = None
-    # Tasks ending holds (commit/release); awaited on shutdown before the flusher drains.
-    settling: set[asyncio.Task[None]] = field(default_factory=set)
+    # Commits/releases in flight (engine futures; tasks for ones retrying after a Redis
+    # outage); awaited on shutdown before the flusher drains.
+    settling: set[asyncio.Future[Any]] = field(default_factory=set)
     background: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     settle_retry_seconds: float = 30.0
     closing: bool = False
@@ -64,10 +66,22 @@ class GatewayState:
 
     async def wait_settled(self, within_s: float | None = None) -> None:
         """Waits (at most within_s) until every commit/release started so far is done."""
+        # A commit that met a Redis outage hands over to a retry task: wait for that too.
         pending = set(self.settling)
-        if pending:
-            await asyncio.wait(pending, timeout=within_s)
+        seen: set[asyncio.Future[Any]] = set()
+        end = None if within_s is None else time.monotonic() + within_s
+        while pending:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            await asyncio.wait(pending, timeout=left)
+            seen |= pending
+            pending = {f for f in pending if not f.done()} | {
+                f for f in self.settling if isinstance(f, asyncio.Task) and f not in seen
+            }
 
+
+_FLUSHER_LINGER_MS = 50
 
 GATEWAY_KEY = web.AppKey("creditgate_gateway", GatewayState)
 
@@ -207,6 +221,8 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
             gateway_id=config.gateway_id,
             sweeper=engine if config.run_sweeper else None,
             sweep_interval_ms=max(1, int(config.sweep_interval_seconds * 1000)),
+            # Sharing the gateway's CPU: fewer, bigger Settle batches (lag stays << 1 s).
+            linger_ms=_FLUSHER_LINGER_MS,
             registry=registry,
         )
         state.flusher = flusher
@@ -302,12 +318,12 @@ async def _sweep(state: GatewayState) -> None:
 
 async def _drain_settlements(state: GatewayState) -> None:
     timeout = state.config.settle_drain_timeout_seconds
-    pending = set(state.settling)
-    if not pending:
+    await state.wait_settled(timeout)
+    late = set(state.settling)
+    if not late:
         return
-    _done, late = await asyncio.wait(pending, timeout=timeout)
-    for task in late:
-        task.cancel()
+    for fut in late:
+        fut.cancel()
     if late:
         log.warning("creditgate: %d commits/releases did not finish before shutdown", len(late))
         await asyncio.wait(late)

@@ -382,3 +382,33 @@ async def test_cancelled_run_ends_promptly_and_drain_settles_the_rest(
     await flusher.drain(10.0)
     assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0
     assert await ledger_usage(authority_stub, token, pid) == committed
+
+
+async def test_drain_settles_entries_whose_read_reply_was_lost(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    """A run() cancelled while XREADGROUP's reply was in transit: the entries are delivered
+    to this consumer (pending) but no cycle saw them. The shutdown drain must still settle them.
+    """
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=1000)
+    flusher = flusher_for(rclient, auth_client, registry)
+    # A flusher that has been running: its start-up replay of its own pending list is done.
+    assert await flusher.flush_once() == 0
+    for amount in (3, 4):
+        assert (await engine.commit(await charge(engine, pid), amount)).ok
+
+    # Exactly what Redis did for the cancelled read: delivered, never processed.
+    stream = keys.outbox(keys.shard_of(pid, SHARDS))
+    delivered = await rclient.xreadgroup(keys.OUTBOX_GROUP, flusher.consumer, {stream: ">"})
+    assert sum(len(entries) for _, entries in delivered) == 2
+
+    assert await flusher.drain(5.0) == 2
+    assert await ledger_usage(authority_stub, token, pid) == 7
+    assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0

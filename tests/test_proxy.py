@@ -447,6 +447,9 @@ async def test_serve_command_smoke(
     policy.write_text(POLICY, encoding="utf-8")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    # Files, not pipes: workers inherit the descriptors, and a pipe would outlive the parent.
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    out_file, err_file = out_path.open("wb"), err_path.open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -454,7 +457,7 @@ async def test_serve_command_smoke(
         "gateway",
         "serve",
         "--workers",
-        "2",
+        str(workers),
         "--policy",
         str(policy),
         "--upstream",
@@ -469,22 +472,20 @@ async def test_serve_command_smoke(
         authority.config.admin_token,
         "--shutdown-timeout",
         "5",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=out_file,
+        stderr=err_file,
         env=env,
     )
     try:
         # Each worker prints its banner (with its pid) once it listens.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
         pids: set[bytes] = set()
-        assert proc.stdout is not None and proc.stderr is not None
         while len(pids) < workers:
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
-            if not line:
-                err = await proc.stderr.read()
-                raise AssertionError(f"gateway exited early: {err.decode()}")
-            m = re.match(rb"creditgate gateway pid (\d+) on ", line)
-            assert m, line
-            pids.add(m.group(1))
+            assert proc.returncode is None, err_path.read_text()
+            assert loop.time() < deadline, out_path.read_text() + err_path.read_text()
+            pids = set(re.findall(rb"creditgate gateway pid (\d+) on ", out_path.read_bytes()))
+            await asyncio.sleep(0.02)  # polling the banner file with a deadline
         requests = 12
         # A fresh connection per request lets the kernel spread them over both workers.
         connector = aiohttp.TCPConnector(force_close=True)
@@ -505,16 +506,16 @@ async def test_serve_command_smoke(
         assert sum(float(line.rsplit(" ", 1)[1]) for line in admitted) == requests, admitted
         proc.send_signal(signal.SIGTERM)
         try:
-            _out, err = await asyncio.wait_for(proc.communicate(), 45)
+            await asyncio.wait_for(proc.wait(), 45)
         except TimeoutError:
-            proc.kill()
-            _out, err = await proc.communicate()
-            raise AssertionError(f"no clean exit on SIGTERM: {err.decode()}") from None
-        assert proc.returncode == 0, err.decode()
+            raise AssertionError(f"no clean exit on SIGTERM: {err_path.read_text()}") from None
+        assert proc.returncode == 0, err_path.read_text()
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.communicate()
+            await proc.wait()
+        out_file.close()
+        err_file.close()
     # The workers' cleanups drained their outboxes into the authority before exiting.
     token = authority.config.admin_token
     await wait_usage(authority_stub, token, project, (requests * COST, requests), 5)
