@@ -440,7 +440,7 @@ async def _quota_set(args: argparse.Namespace, c: AuthorityClient) -> int:
         quota = pb.Quota(
             project_id=args.project,
             name=args.name,
-            algorithm=pb.GCRA,
+            algorithm=pb.SLIDING_WINDOW,
             limit=limit,
             window_seconds=window,
         )

@@ -145,7 +145,7 @@ def quota_line(quota: pb.Quota) -> str:
     if quota.algorithm == pb.CONCURRENCY:
         rule = f"at most {quota.limit} in flight (concurrency)"
     else:
-        rule = f"{quota.limit} per {duration(quota.window_seconds)} (rate, GCRA)"
+        rule = f"{quota.limit} per {duration(quota.window_seconds)} (rate, sliding window)"
     return f"{quota.name}: {rule}"
 
 

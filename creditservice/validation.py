@@ -35,7 +35,7 @@ KEY_HASH_RE = re.compile(r"[0-9a-f]{64}")
 
 _ADJUST_KINDS = (pb.SLA_CREDIT, pb.REFUND, pb.ADJUSTMENT)
 _SETTLE_KINDS = (pb.COMMIT, pb.RELEASE, pb.EXPIRE)
-_QUOTA_ALGORITHMS = (pb.GCRA, pb.CONCURRENCY)
+_QUOTA_ALGORITHMS = (pb.SLIDING_WINDOW, pb.CONCURRENCY)
 
 
 def _bad(field: str, problem: str) -> InvalidArgument:
@@ -178,9 +178,9 @@ def set_quota(req: pb.SetQuotaRequest) -> None:
     project_id(q.project_id, "quota.project_id")
     quota_name(q.name, "quota.name")
     if q.algorithm not in _QUOTA_ALGORITHMS:
-        raise _bad("quota.algorithm", "must be GCRA or CONCURRENCY")
+        raise _bad("quota.algorithm", "must be SLIDING_WINDOW or CONCURRENCY")
     amount(q.limit, "quota.limit")
-    if q.algorithm == pb.GCRA:
+    if q.algorithm == pb.SLIDING_WINDOW:
         amount(q.window_seconds, "quota.window_seconds", maximum=MAX_WINDOW_SECONDS)
     elif q.window_seconds != 0:
         raise _bad("quota.window_seconds", f"must be 0 for CONCURRENCY, got {q.window_seconds}")

@@ -172,7 +172,7 @@ async def provision(core: CreditCore, state_dir: Path) -> tuple[str, int]:
             )
         ).wallet
     for name, algorithm, limit, window in (
-        ("requests", pb.GCRA, RATE_LIMIT, RATE_WINDOW),
+        ("requests", pb.SLIDING_WINDOW, RATE_LIMIT, RATE_WINDOW),
         ("concurrent", pb.CONCURRENCY, CONCURRENCY, 0),
     ):
         await c.SetQuota(

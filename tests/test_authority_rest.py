@@ -217,13 +217,13 @@ async def test_quota_routes(api: Api) -> None:
         path,
         {
             "request_id": f"q-{pid}",
-            "quota": {"algorithm": "GCRA", "limit": 100, "window_seconds": 60},
+            "quota": {"algorithm": "SLIDING_WINDOW", "limit": 100, "window_seconds": 60},
         },
     )
     assert quota["quota"] | {"version": "", "updated_at_ms": ""} == {
         "project_id": pid,
         "name": "requests",
-        "algorithm": "GCRA",
+        "algorithm": "SLIDING_WINDOW",
         "limit": "100",
         "window_seconds": "60",
         "version": "",
@@ -245,7 +245,7 @@ async def test_quota_routes(api: Api) -> None:
     # the path names the quota; a body naming another one is refused
     body = {
         "request_id": f"q3-{pid}",
-        "quota": {"name": "other", "algorithm": "GCRA", "limit": 1, "window_seconds": 1},
+        "quota": {"name": "other", "algorithm": "SLIDING_WINDOW", "limit": 1, "window_seconds": 1},
     }
     problem = await api.problem(400, "invalid-argument", "PUT", path, body)
     assert "quota.name" in problem["detail"]
@@ -570,7 +570,7 @@ async def test_export_import_round_trip_into_a_fresh_authority(api: Api, tmp_pat
         f"/v1/projects/{pid}/quotas/rpm",
         {
             "request_id": f"q-{pid}",
-            "quota": {"algorithm": "GCRA", "limit": 60, "window_seconds": 60},
+            "quota": {"algorithm": "SLIDING_WINDOW", "limit": 60, "window_seconds": 60},
         },
     )
     await issue_key(api, pid)

@@ -205,15 +205,15 @@ async def test_quota_commands(cli: Cli) -> None:
     pid = new_project_id("cli")
     await ok(cli, "wallet", "create", pid, "--org", "org-cli")
     out = await ok(cli, "quota", "set", pid, "requests", "--limit", "100", "--per-seconds", "60")
-    assert "requests: 100 per 1m (rate, GCRA)" in out
+    assert "requests: 100 per 1m (rate, sliding window)" in out
     out = await ok(cli, "quota", "set", pid, "inflight", "--limit", "4", "--concurrency")
     assert "inflight: at most 4 in flight (concurrency)" in out
     out = await ok(cli, "quota", "get", pid, "requests")
-    assert out.strip() == "requests: 100 per 1m (rate, GCRA)"
+    assert out.strip() == "requests: 100 per 1m (rate, sliding window)"
     out = await ok(cli, "quota", "list", pid)
     assert sorted(out.strip().splitlines()) == [
         "inflight: at most 4 in flight (concurrency)",
-        "requests: 100 per 1m (rate, GCRA)",
+        "requests: 100 per 1m (rate, sliding window)",
     ]
     out = await ok(cli, "quota", "delete", pid, "requests")
     assert out.startswith("deleted requests")

@@ -62,7 +62,7 @@ async def populate(store: Store) -> Facts:
         pb.SetQuotaRequest(
             request_id=rid(),
             quota=pb.Quota(
-                project_id=a, name="rpm", algorithm=pb.GCRA, limit=60, window_seconds=60
+                project_id=a, name="rpm", algorithm=pb.SLIDING_WINDOW, limit=60, window_seconds=60
             ),
         ),
         NOW,

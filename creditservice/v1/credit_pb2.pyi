@@ -87,8 +87,8 @@ class _QuotaAlgorithm:
 class _QuotaAlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuotaAlgorithm.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     QUOTA_ALGORITHM_UNSPECIFIED: _QuotaAlgorithm.ValueType  # 0
-    GCRA: _QuotaAlgorithm.ValueType  # 1
-    """rate: limit per window, smooth, burst = limit"""
+    SLIDING_WINDOW: _QuotaAlgorithm.ValueType  # 1
+    """rate: at most `limit` in ANY window of window_seconds (exact log)"""
     CONCURRENCY: _QuotaAlgorithm.ValueType  # 2
     """in flight at once; window_seconds must be 0"""
 
@@ -96,8 +96,8 @@ class QuotaAlgorithm(_QuotaAlgorithm, metaclass=_QuotaAlgorithmEnumTypeWrapper):
     """---------------------------------------------------------------- quotas"""
 
 QUOTA_ALGORITHM_UNSPECIFIED: QuotaAlgorithm.ValueType  # 0
-GCRA: QuotaAlgorithm.ValueType  # 1
-"""rate: limit per window, smooth, burst = limit"""
+SLIDING_WINDOW: QuotaAlgorithm.ValueType  # 1
+"""rate: at most `limit` in ANY window of window_seconds (exact log)"""
 CONCURRENCY: QuotaAlgorithm.ValueType  # 2
 """in flight at once; window_seconds must be 0"""
 Global___QuotaAlgorithm: _TypeAlias = QuotaAlgorithm  # noqa: Y015
@@ -806,7 +806,7 @@ class Quota(_message.Message):
     limit: _builtins.int
     """> 0"""
     window_seconds: _builtins.int
-    """> 0 for GCRA"""
+    """> 0 for SLIDING_WINDOW"""
     version: _builtins.int
     updated_at_ms: _builtins.int
     def __init__(
