@@ -84,10 +84,10 @@ def _stream_id_ms(entry_id: str) -> int:
 
 def parse_entry(shard: int, entry_id: str, fields: dict[Any, Any]) -> OutboxEntry:
     """An outbox entry as written by settle.lua; ValueError/KeyError when malformed."""
-    # Replies are bytes on the gateway's client: decode with one bytes check per entry.
-    if all(type(k) is bytes and type(v) is bytes for k, v in fields.items()):
+    try:
+        # Replies are bytes on the gateway's client: no per-field type dispatch.
         f = {k.decode(): v.decode() for k, v in fields.items()}
-    else:
+    except AttributeError:  # str already (a client with decode_responses)
         f = {_text(k): _text(v) for k, v in fields.items()}
     event = pb.SettlementEvent(
         event_id=f[keys.E_EVENT_ID],
@@ -124,8 +124,8 @@ class Flusher:
 
     Several flushers (processes, nodes) may run: the consumer group splits the entries, and a
     dead one's entries are reclaimed with XAUTOCLAIM after `claim_idle_ms`. When given an
-    engine (`sweeper`), it also runs the hold-expiry sweeper loop. `linger_ms` > 0: after a
-    part batch, run() waits that long before the next read (bigger, cheaper batches).
+    engine (`sweeper`), it also runs the hold-expiry sweeper loop. After a part batch,
+    run() waits `linger_ms` before the next read (bigger, cheaper batches; 0 turns it off).
     """
 
     def __init__(
@@ -145,7 +145,7 @@ class Flusher:
         sweeper: Sweeper | None = None,
         sweep_interval_ms: int = 1000,
         registry: CollectorRegistry | None = None,
-        linger_ms: int = 0,
+        linger_ms: int = 50,
     ) -> None:
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be 1..{MAX_BATCH}, got {batch_size}")

@@ -25,6 +25,7 @@ Client: TypeAlias = "aioredis.Redis | aioredis.RedisCluster"
 # A script call with hundreds of operations blocks Redis for its whole run; split bigger batches.
 MAX_OPS_PER_CALL = 128
 _KEY_CACHE_MAX = 50_000
+_IDLE_CONNECTIONS = 4
 
 _REASONS = {
     0: Reason.ADMITTED,
@@ -177,6 +178,10 @@ class Store:
         # fragments before the hold key and after it; per string: its bulk string.
         self._frag_cache: dict[tuple[str, tuple[QuotaDef, ...]], tuple[bytes, bytes]] = {}
         self._bulks: dict[str, bytes] = {}
+        # Connections this store keeps between batches (standalone): taking one from the pool
+        # costs a timeout context and health bookkeeping per batch. Returned to the pool only
+        # after an error; the client's pool disconnects them all when it is closed.
+        self._idle: list[Any] = []
         self._heads = {
             name: _bulk("EVALSHA") + _bulk(script.sha) for name, script in self._scripts.items()
         }
@@ -463,7 +468,18 @@ class Store:
             self.stats.round_trips += 1
             raw: list[Any] = []
             try:
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                idle = self._idle
+                if idle:
+                    conn = idle.pop()
+                    # What the pool checks on every get: reconnect one closed or dirty
+                    # (e.g. after a Redis restart) before anything is sent on it.
+                    try:
+                        await pool.ensure_connection(conn)
+                    except BaseException:
+                        await pool.release(conn)
+                        raise
+                else:
+                    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
                 try:
                     await conn.send_packed_command([calls[i][1] for i in todo])
                     for _ in todo:
@@ -474,8 +490,11 @@ class Store:
                 except BaseException:
                     # Cancelled or failed half-way: replies may be left unread on the socket.
                     await conn.disconnect(nowait=True)
+                    await pool.release(conn)
                     raise
-                finally:
+                if len(idle) < _IDLE_CONNECTIONS:
+                    idle.append(conn)
+                else:
                     await pool.release(conn)
             except (RedisError, OSError) as exc:
                 self.stats.errors += 1
