@@ -149,6 +149,21 @@ class RedisCluster:
             n.stop()
 
 
+def _cluster_node_ready(cli: str, port: int, masters: int) -> bool:
+    out = subprocess.run(
+        [cli, "-p", str(port), "cluster", "info"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=5,
+    ).stdout
+    return (
+        "cluster_state:ok" in out
+        and "cluster_slots_ok:16384" in out
+        and f"cluster_known_nodes:{masters}" in out
+    )
+
+
 def start_redis_cluster(masters: int = 3) -> RedisCluster:
     cli = _require(REDIS_CLI)
     cluster = RedisCluster()
@@ -183,14 +198,9 @@ def start_redis_cluster(masters: int = 3) -> RedisCluster:
         )
         end = time.monotonic() + 20
         while time.monotonic() < end:
-            out = subprocess.run(
-                [cli, "-p", str(cluster.nodes[0].port), "cluster", "info"],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=5,
-            ).stdout
-            if "cluster_state:ok" in out:
+            # Every node must agree, not only the first: a node that has not yet learnt the
+            # slot map answers CLUSTERDOWN or MOVED loops to the first test that uses it.
+            if all(_cluster_node_ready(cli, n.port, masters) for n in cluster.nodes):
                 return cluster
             time.sleep(0.05)  # polling cluster_state with a deadline
         raise RuntimeError("redis cluster did not reach cluster_state:ok")

@@ -418,7 +418,11 @@ async def test_explain_usage(world: World) -> None:
 
 
 def quota(
-    pid: str, name: str = "requests", algorithm: int = pb.SLIDING_WINDOW, limit: int = 100, window: int = 60
+    pid: str,
+    name: str = "requests",
+    algorithm: int = pb.SLIDING_WINDOW,
+    limit: int = 100,
+    window: int = 60,
 ) -> pb.Quota:
     return pb.Quota(
         project_id=pid,

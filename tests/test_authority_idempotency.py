@@ -186,7 +186,11 @@ async def test_every_mutation_replays_its_first_result(backend: AuthorityServer)
                 pb.SetQuotaRequest(
                     request_id="m5",
                     quota=pb.Quota(
-                        project_id=pid, name="rps", algorithm=pb.SLIDING_WINDOW, limit=5, window_seconds=1
+                        project_id=pid,
+                        name="rps",
+                        algorithm=pb.SLIDING_WINDOW,
+                        limit=5,
+                        window_seconds=1,
                     ),
                 ),
             ),

@@ -109,7 +109,9 @@ async def test_filter_by_project(authority: AuthorityServer, authority_stub: Stu
     await authority_stub.SetQuota(
         pb.SetQuotaRequest(
             request_id="f-q",
-            quota=pb.Quota(project_id=b, name="rps", algorithm=pb.SLIDING_WINDOW, limit=5, window_seconds=1),
+            quota=pb.Quota(
+                project_id=b, name="rps", algorithm=pb.SLIDING_WINDOW, limit=5, window_seconds=1
+            ),
         ),
         metadata=md,
     )

@@ -83,7 +83,11 @@ async def set_quota(
         pb.SetQuotaRequest(
             request_id=f"q-{pid}-{name}-{limit}",
             quota=pb.Quota(
-                project_id=pid, name=name, algorithm=pb.SLIDING_WINDOW, limit=limit, window_seconds=60
+                project_id=pid,
+                name=name,
+                algorithm=pb.SLIDING_WINDOW,
+                limit=limit,
+                window_seconds=60,
             ),
         ),
         metadata=admin_md(token),
@@ -282,7 +286,11 @@ async def test_events_during_a_fill_are_replayed_after_it(
         project_id=pid,
         quota=pb.QuotaChange(
             quota=pb.Quota(
-                project_id=pid, name="requests", algorithm=pb.SLIDING_WINDOW, limit=9, window_seconds=60
+                project_id=pid,
+                name="requests",
+                algorithm=pb.SLIDING_WINDOW,
+                limit=9,
+                window_seconds=60,
             )
         ),
     )

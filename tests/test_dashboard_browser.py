@@ -19,7 +19,6 @@ from gateway_plugin.dashboard import histogram_quantile, wallet_row
 from gateway_plugin.proxy import ProxyConfig, build_gateway_app
 from gateway_plugin.sample_upstream import make_sample_upstream
 from tests.fixtures_gateway import ProjectFactory, bearer
-from tests.services import RedisProcess
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -84,7 +83,7 @@ def test_wallet_row_arithmetic() -> None:
 async def test_dashboard_shows_live_decisions(
     tmp_path: Path,
     aiohttp_server: Any,
-    redis_proc: RedisProcess,
+    redis_url: str,
     authority: AuthorityServer,
     project_factory: ProjectFactory,
 ) -> None:
@@ -92,7 +91,7 @@ async def test_dashboard_shows_live_decisions(
     token = authority.config.admin_token
     cfg = GatewayConfig(
         policy=parse_policy(POLICY, "dashboard-policy.toml"),
-        redis_url=redis_proc.url,
+        redis_url=redis_url,
         authority_target=authority.grpc_target,
         authority_token=token,
         gateway_id=f"dash-{uuid.uuid4().hex[:8]}",

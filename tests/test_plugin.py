@@ -423,7 +423,7 @@ async def test_sub_app_protects_only_its_routes(
 
 
 async def test_sub_app_leaves_parent_routes_alone(
-    aiohttp_client: Any, redis_proc: RedisProcess, authority: AuthorityServer
+    aiohttp_client: Any, redis_url: str, authority: AuthorityServer
 ) -> None:
     from admission.policy import parse_policy
 
@@ -435,7 +435,7 @@ async def test_sub_app_leaves_parent_routes_alone(
         child,
         GatewayConfig(
             policy=parse_policy(GATEWAY_POLICY),
-            redis_url=redis_proc.url,
+            redis_url=redis_url,
             authority_target=authority.grpc_target,
             authority_token=authority.config.admin_token,
             run_flusher=False,

@@ -33,7 +33,7 @@ from gateway_plugin.proxy import (
     upstream_url,
 )
 from tests.fixtures_gateway import ProjectFactory, bearer, usage_sum
-from tests.services import RedisProcess, free_port
+from tests.services import free_port
 
 COST = 5
 POLICY = f"""
@@ -236,14 +236,12 @@ GatewayMaker = Callable[..., Awaitable[TestClient[web.Request, web.Application]]
 
 
 @pytest.fixture
-def make_gateway(
-    authority: AuthorityServer, redis_proc: RedisProcess, aiohttp_client: Any
-) -> GatewayMaker:
+def make_gateway(authority: AuthorityServer, redis_url: str, aiohttp_client: Any) -> GatewayMaker:
     # aiohttp_client after the authority: the gateway stops (draining its outbox) first.
     async def make(upstream_base: str, **proxy: Any) -> TestClient[web.Request, web.Application]:
         cfg = GatewayConfig(
             policy=parse_policy(POLICY, "proxy-policy.toml"),
-            redis_url=redis_proc.url,
+            redis_url=redis_url,
             authority_target=authority.grpc_target,
             authority_token=authority.config.admin_token,
             gateway_id=f"proxy-{uuid.uuid4().hex[:8]}",
@@ -436,7 +434,7 @@ async def test_serve_command_smoke(
     workers: int,
     tmp_path: Path,
     upstream: tuple[Upstream, TestServer],
-    redis_proc: RedisProcess,
+    redis_url: str,
     authority: AuthorityServer,
     authority_stub: Any,
     project_factory: ProjectFactory,
@@ -465,7 +463,7 @@ async def test_serve_command_smoke(
         "--listen",
         f"127.0.0.1:{port}",
         "--redis",
-        redis_proc.url,
+        redis_url,
         "--authority",
         authority.grpc_target,
         "--token",

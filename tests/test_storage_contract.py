@@ -211,7 +211,9 @@ async def test_every_mutation_replays_its_first_response(store: Store) -> None:
         overdraft_limit=7,
     )
     add("set_wallet_policy", lambda now: store.set_wallet_policy(pol, now))
-    quota = pb.Quota(project_id=pid, name="rpm", algorithm=pb.SLIDING_WINDOW, limit=10, window_seconds=60)
+    quota = pb.Quota(
+        project_id=pid, name="rpm", algorithm=pb.SLIDING_WINDOW, limit=10, window_seconds=60
+    )
     sq = pb.SetQuotaRequest(request_id=rid(), quota=quota)
     add("set_quota", lambda now: store.set_quota(sq, now))
     dq = pb.DeleteQuotaRequest(request_id=rid(), project_id=pid, name="rpm")
@@ -710,7 +712,9 @@ async def test_quotas_set_get_list_delete(store: Store) -> None:
             NOW,
         )
     cursor = await store.last_cursor()
-    q = pb.Quota(project_id=pid, name="rpm", algorithm=pb.SLIDING_WINDOW, limit=100, window_seconds=60)
+    q = pb.Quota(
+        project_id=pid, name="rpm", algorithm=pb.SLIDING_WINDOW, limit=100, window_seconds=60
+    )
     first = (await store.set_quota(pb.SetQuotaRequest(request_id=rid(), quota=q), NOW)).quota
     assert (first.limit, first.updated_at_ms) == (100, NOW) and first.version > 0
     conc = pb.Quota(project_id=pid, name="concurrent", algorithm=pb.CONCURRENCY, limit=3)
