@@ -99,6 +99,16 @@ class Policy:
         return self._by_name.get(name)
 
 
+def _method_pattern(method: str) -> str:
+    if method == "*":
+        return "[A-Z]+"
+    if method == "GET":
+        # SECURITY: servers answer HEAD with the GET handler (RFC 9110 9.3.2); a GET route that
+        # let HEAD through would do the same work unmetered.
+        return "(?:GET|HEAD)"
+    return re.escape(method)
+
+
 def load_policy(path: str | Path) -> Policy:
     p = Path(path)
     return parse_policy(p.read_text(encoding="utf-8"), str(path))
@@ -169,8 +179,7 @@ class _Parser:
         regex = None
         if routes:
             alts = [
-                f"(?P<r{i}>{'[A-Z]+' if r.method == '*' else re.escape(r.method)} "
-                f"{compile_path(r.path)})"
+                f"(?P<r{i}>{_method_pattern(r.method)} {compile_path(r.path)})"
                 for i, r in enumerate(routes)
             ]
             regex = re.compile("|".join(alts))
