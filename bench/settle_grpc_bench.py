@@ -128,7 +128,7 @@ async def bench_backend(
             database=url,
             grpc_listen="127.0.0.1:0",
             http_listen="",
-            admin_token=secrets.token_urlsafe(24),
+            admin_token="admin-" + secrets.token_urlsafe(24),
             run_jobs=False,
         )
         async with AuthorityServer(cfg) as srv, grpc.aio.insecure_channel(srv.grpc_target) as ch:

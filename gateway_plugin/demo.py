@@ -290,7 +290,7 @@ async def _main(opts: DemoOptions) -> int:
             redis_url = redis.url
             redis_note = f"redis-server pid {redis.pid}, started by the demo"
         token = os.environ.get("CREDITGATE_ADMIN_TOKEN") or _secret_file(
-            state / "admin-token", lambda: secrets.token_urlsafe(24)
+            state / "admin-token", lambda: "admin-" + secrets.token_urlsafe(24)
         )
         authority = await stack.enter_async_context(
             AuthorityServer(

@@ -47,7 +47,8 @@ def authority_config(database: str) -> AuthorityConfig:
         database=database,
         grpc_listen="127.0.0.1:0",
         http_listen="127.0.0.1:0",
-        admin_token=secrets.token_urlsafe(24),
+        # Never starting with "-": the CLI tests pass it as `--token VALUE`.
+        admin_token="admin-" + secrets.token_urlsafe(24),
         clock=ManualClock(START_MS),
         shutdown_grace_s=1.0,
     )
