@@ -60,7 +60,8 @@ def outbox(shard: int) -> str:
 
 
 def clock_offset(shard: int) -> str:
-    """Integer ms added to Redis TIME by the shard's scripts. Only tests set it (virtual clock)."""
+    """The shard scripts' test clock; only tests set it. An integer is ms added to Redis TIME;
+    "=MS" freezes the scripts' time at MS (the model-based tests, which must be deterministic)."""
     return f"{PREFIX}:{tag(shard)}:clk"
 
 

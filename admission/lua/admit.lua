@@ -19,7 +19,7 @@
 -- while now - score < window. Each redis.call costs more than the Lua around it, so the common
 -- path reads the oldest entry once and trims only when it has left the window.
 --
--- The clock offset key exists for the virtual-clock tests only; production never sets it.
+-- The clock key exists for the virtual-clock tests only; production never sets it.
 -- Numbers written to Redis go through fmt(): Lua numbers are doubles and would otherwise be
 -- written in exponent notation.
 
@@ -31,9 +31,14 @@ end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local offset = redis.call('GET', KEYS[2])
-if offset then
-  now = now + tonumber(offset)
+-- The test clock (KEYS[2]): "=MS" freezes time at MS, a plain number shifts Redis time.
+local clock = redis.call('GET', KEYS[2])
+if clock then
+  if string.sub(clock, 1, 1) == '=' then
+    now = tonumber(string.sub(clock, 2))
+  else
+    now = now + tonumber(clock)
+  end
 end
 
 -- A wallet field as a number; missing or empty (e.g. unsl left to the policy) gives `default`.
