@@ -8,7 +8,6 @@ model is given the clock each script reports, so time-derived values compare exa
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -97,8 +96,15 @@ class AdmissionMachine(RuleBasedStateMachine):
         self.epoch: dict[tuple[str, str], int] = defaultdict(int)
         self.events: dict[str, list[dict[str, str]]] = defaultdict(list)
         self.stream_pos: dict[int, str] = {}
-        self.group = f"sm-{uuid.uuid4().hex[:8]}"
+        # Ids are counters, not random: each example has an empty database of its own, and a
+        # replay must put the same projects on the same shards and order holds the same way.
+        self.group = "sm-model"
+        self.next_id = 0
         self.clock_ms = VIRTUAL_START_MS
+
+    def new_id(self) -> str:
+        self.next_id += 1
+        return f"h{self.next_id:08d}"
 
     def run(self, aw: Awaitable[T]) -> T:
         return self.loop.run_until_complete(_wrap(aw))
@@ -111,6 +117,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     @initialize(
         wallets=st.lists(
             st.tuples(
+                st.integers(0, 63),  # the project's number: drawn, so projects may share shards
                 st.integers(0, 200),
                 st.sampled_from([0, 10]),
                 st.sampled_from([0, 50]),
@@ -118,11 +125,12 @@ class AdmissionMachine(RuleBasedStateMachine):
             ),
             min_size=2,
             max_size=3,
+            unique_by=lambda w: w[0],
         )
     )
-    def setup(self, wallets: list[tuple[int, int, int, int]]) -> None:
-        for snap, od, low, unsl in wallets:
-            p = f"sm-{uuid.uuid4().hex[:10]}"
+    def setup(self, wallets: list[tuple[int, int, int, int, int]]) -> None:
+        for number, snap, od, low, unsl in wallets:
+            p = f"sm-p{number}"
             self.projects.append(p)
             self.snapshots[p] = WalletSnapshot(snap=snap, od=od, low=low, unsl=unsl)
         for shard in {self.shard(p) for p in self.projects}:
@@ -203,7 +211,7 @@ class AdmissionMachine(RuleBasedStateMachine):
         return AdmitOp(
             shard=self.shard(project),
             project_id=project,
-            op_id=uuid.uuid4().hex,
+            op_id=self.new_id(),
             cost=cost,
             weight=weight,
             ttl_ms=ttl_s * 1000,
@@ -464,7 +472,7 @@ class AdmissionMachine(RuleBasedStateMachine):
     def settle_ended_or_unknown(self, data: st.DataObject, kind: str, ghost: bool) -> None:
         if ghost:
             project = data.draw(st.sampled_from(self.projects))
-            h = Handle(uuid.uuid4().hex, project, self.shard(project), 1, ())
+            h = Handle(self.new_id(), project, self.shard(project), 1, ())
             assert self.settle_both(h, kind, 1).status is SettleStatus.UNKNOWN
             return
         h = data.draw(st.sampled_from(self.ended))
