@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
 from admission import keys
+from admission.authority import AuthorityClient, AuthorityClientConfig
 from admission.engine import AdmissionEngine
 from admission.errors import AuthorityUnavailable
 from admission.policy import Policy, parse_policy
 from admission.redis_client import RedisSettings, build_client
 from admission.store import Client
+from creditservice.server import AuthorityServer
 from tests.services import RedisCluster, RedisProcess
 
 TEST_POLICY = """
@@ -258,3 +261,20 @@ async def rclient(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url, socket_timeout=5)
     yield client
     await client.aclose()
+
+
+def authority_client_for(srv: AuthorityServer) -> AuthorityClient:
+    return AuthorityClient(
+        AuthorityClientConfig(target=srv.grpc_target, token=srv.config.admin_token, timeout_s=2.0)
+    )
+
+
+@pytest.fixture
+async def auth_client(authority: AuthorityServer) -> AsyncIterator[AuthorityClient]:
+    async with authority_client_for(authority) as client:
+        yield client
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()

@@ -23,9 +23,10 @@ from creditservice.clock import ManualClock
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
+from tests.fixtures_admission import authority_client_for
 from tests.fixtures_authority import admin_md, authority_config, make_wallet, new_project_id
 from tests.services import free_port
-from tests.test_flusher import SHARDS, authority_client_for, wallet_hash
+from tests.test_flusher import SHARDS, wallet_hash
 
 UNSL = 5000
 
@@ -37,17 +38,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 1.0
             if await check():
                 return
             await asyncio.sleep(0.005)  # polling a condition with a deadline
-
-
-@pytest.fixture
-async def auth_client(authority: AuthorityServer) -> AsyncIterator[AuthorityClient]:
-    async with authority_client_for(authority) as client:
-        yield client
-
-
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
 
 
 @pytest.fixture

@@ -28,23 +28,17 @@ from admission.flusher import Flusher
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
+from tests.fixtures_admission import authority_client_for
 from tests.fixtures_authority import authority_config, make_wallet, new_project_id
 from tests.test_flusher import (
     POLICY,
     SHARDS,
-    authority_client_for,
     charge,
     drain_all,
     ledger_usage,
     make_policy,
     wallet_hash,
 )
-
-
-@pytest.fixture
-async def auth_client(authority: AuthorityServer) -> AsyncIterator[AuthorityClient]:
-    async with authority_client_for(authority) as client:
-        yield client
 
 
 def build_engine(

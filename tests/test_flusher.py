@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from admission import keys
-from admission.authority import AuthorityClient, AuthorityClientConfig
+from admission.authority import AuthorityClient
 from admission.cache import CacheFiller
 from admission.decision import Hold
 from admission.engine import AdmissionEngine
@@ -79,25 +79,8 @@ async def charge(engine: AdmissionEngine, project_id: str) -> Hold:
     return decision.hold
 
 
-def authority_client_for(srv: AuthorityServer) -> AuthorityClient:
-    return AuthorityClient(
-        AuthorityClientConfig(target=srv.grpc_target, token=srv.config.admin_token, timeout_s=2.0)
-    )
-
-
 # `rclient` (tests/fixtures_admission.py) is on a logical database of this test's own, so the
 # outbox streams hold only this test's entries.
-
-
-@pytest.fixture
-async def auth_client(authority: AuthorityServer) -> AsyncIterator[AuthorityClient]:
-    async with authority_client_for(authority) as client:
-        yield client
-
-
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -23,7 +22,7 @@ from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_authority import admin_md, make_wallet, new_project_id
 from tests.services import free_port
 from tests.test_cache_watch import eventually
-from tests.test_flusher import SHARDS, authority_client_for
+from tests.test_flusher import SHARDS
 
 TRUSTED = ("10.0.0.0/8", "::1/128")
 
@@ -36,17 +35,6 @@ class FakeMonotonic:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def auth_client(authority: AuthorityServer) -> AsyncIterator[AuthorityClient]:
-    async with authority_client_for(authority) as client:
-        yield client
-
-
-@pytest.fixture
-def registry() -> CollectorRegistry:
-    return CollectorRegistry()
 
 
 @pytest.fixture
