@@ -334,6 +334,7 @@ class WatchSubscriber:
         filler: CacheFiller,
         *,
         key_caches: tuple[KeyCache, ...] = (),
+        project_listeners: tuple[Callable[[str], None], ...] = (),
         start_cursor: int = 0,
         resync_on_start: bool = True,
         idle_timeout_s: float = 15.0,
@@ -345,6 +346,9 @@ class WatchSubscriber:
         self.store = filler.store
         self.authority = filler.authority
         self.key_caches = key_caches
+        # Told the project id of every wallet, quota or lifecycle change once it is applied
+        # to Redis (lease mode: a process stops deciding from what it last read).
+        self.project_listeners = project_listeners
         self.resync_on_start = resync_on_start
         self.idle_timeout_s = idle_timeout_s
         self.backoff_initial_s = backoff_initial_s
@@ -440,6 +444,8 @@ class WatchSubscriber:
         self._metrics.watch_events.labels(kind=which).inc()
         if which in ("wallet", "quota", "lifecycle"):
             await self.filler.on_event(event)
+            for listener in self.project_listeners:
+                listener(event.project_id or _event_project(event))
         elif which == "key_revoked":
             key_hash = event.key_revoked.key_hash
             # Local first: a lookup in flight then sees the eviction and does not write the
@@ -524,3 +530,14 @@ class Reconciler:
             return True
         quotas = {q.name: quota_value(q) for q in snapshot.quotas}
         return await self.store.read_quotas(project_id) != quotas
+
+
+def _event_project(event: pb.WatchEvent) -> str:
+    which = event.WhichOneof("change")
+    if which == "wallet":
+        return event.wallet.project_id
+    if which == "quota":
+        return event.quota.quota.project_id
+    if which == "lifecycle":
+        return event.lifecycle.project_id
+    return ""

@@ -1,6 +1,8 @@
 """Admission decisions as values: what the engine tells the gateway, never an exception.
 
 Pure data, no I/O. The HTTP mapping (status, problem type, headers) lives in gateway_plugin.
+The per-request values are plain slotted dataclasses, not frozen ones (a frozen dataclass costs
+four times as much to create, on the admission hot path); treat them as immutable all the same.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class QuotaKind(enum.StrEnum):
     CONCURRENCY = "concurrency"  # in flight at once
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class QuotaStatus:
     """One quota that applied to a decision, for RateLimit-Policy / RateLimit headers."""
 
@@ -53,7 +55,7 @@ class QuotaStatus:
     reset_seconds: int  # seconds until `remaining` is back to `limit` (0 if already)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hold:
     """An ACTIVE hold in Redis: the handle needed to commit or release it."""
 
@@ -69,7 +71,7 @@ class Hold:
     counters: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     admitted: bool
     reason: Reason
@@ -86,7 +88,7 @@ class Decision:
     degraded: bool = False  # decided without Redis (failure policy allow)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettleOutcome:
     """Result of ending a hold: COMMITTED / RELEASED, or why nothing changed."""
 

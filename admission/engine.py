@@ -31,11 +31,15 @@ from admission.store import (
     AdmitResult,
     AdmitStatus,
     Client,
+    LeaseOp,
+    LeaseStatus,
     SettleOp,
     SettleResult,
     SettleStatus,
     Store,
     StoreStats,
+    expire_op,
+    is_lease_id,
 )
 
 _PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -151,6 +155,14 @@ class AdmissionEngine:
             self.policy.settings.unsettled_limit,
             quotas,
         )
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    def route_problem(self, route: Route) -> str | None:
+        """Why requests of `route` cannot be admitted under this policy (None: they can)."""
+        return self._invalid(self.request_for(route, "x"))
 
     # -- admit ------------------------------------------------------------------------------
 
@@ -367,21 +379,57 @@ class AdmissionEngine:
         return res
 
     async def sweep_expired(self, limit: int = 1000) -> int:
-        """End every due hold (up to `limit` per shard) as EXPIRED; returns how many ended."""
+        """End every due hold and lease (up to `limit` per shard) as EXPIRED; returns how many
+        ended. Lease ids (leading "L") go to lease.lua EXPIRE, hold ids to settle.lua."""
         shards = list(range(self.policy.settings.shards))
         due = await self._store.due_holds(shards, limit)
         ops = [
             SettleOp(shard, hid, "EXPIRE", 0, None, ())
             for shard, d in due.items()
             for hid in d.hold_ids
+            if not is_lease_id(hid)
         ]
-        results = await asyncio.gather(*(self._settle_op(op) for op in ops), return_exceptions=True)
-        for r in results:
+        leases = {
+            shard: [expire_op(shard, i) for i in d.hold_ids if is_lease_id(i)]
+            for shard, d in due.items()
+        }
+        leases = {shard: lops for shard, lops in leases.items() if lops}
+        results = await asyncio.gather(
+            *(self._settle_op(op) for op in ops),
+            self._expire_leases(leases),
+            return_exceptions=True,
+        )
+        lease_ended = results.pop()
+        for r in (*results, lease_ended):
             if isinstance(r, BaseException) and not isinstance(r, StoreUnavailable):
                 raise r
-        return sum(
+        ended = sum(
             1 for r in results if isinstance(r, SettleResult) and r.status is SettleStatus.ENDED
         )
+        return ended + (lease_ended if isinstance(lease_ended, int) else 0)
+
+    async def _expire_leases(self, due: dict[int, list[LeaseOp]]) -> int:
+        """EXPIRE due leases: a first call names each lease's wallet and counters (WRONG_KEYS),
+        a second declares them. A shard Redis did not answer is left to the next sweep."""
+        ended = 0
+        for _ in range(2):
+            if not due:
+                break
+            retry: dict[int, list[LeaseOp]] = {}
+            for shard, res in (await self._store.run_leases(due)).items():
+                if isinstance(res, BaseException):
+                    if not isinstance(res, StoreUnavailable):
+                        raise res
+                    continue
+                for op, r in zip(due[shard], res, strict=True):
+                    if r.status is LeaseStatus.OK:
+                        ended += 1
+                    elif r.status is LeaseStatus.WRONG_KEYS and op.wallet_key is None:
+                        retry.setdefault(shard, []).append(
+                            expire_op(shard, op.lease_id, r.wallet_key, r.counters)
+                        )
+            due = retry
+        return ended
 
     # -- lifecycle --------------------------------------------------------------------------
 

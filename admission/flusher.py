@@ -83,7 +83,10 @@ def _stream_id_ms(entry_id: str) -> int:
 
 
 def parse_entry(shard: int, entry_id: str, fields: dict[Any, Any]) -> OutboxEntry:
-    """An outbox entry as written by settle.lua; ValueError/KeyError when malformed."""
+    """An outbox entry as written by settle.lua or lease.lua; ValueError/KeyError when malformed.
+
+    `quantity` is the entry's `n` as written (lease EXPIRE events: 0), 1 when it has none.
+    """
     try:
         # Replies are bytes on the gateway's client: no per-field type dispatch.
         f = {k.decode(): v.decode() for k, v in fields.items()}
@@ -100,6 +103,7 @@ def parse_entry(shard: int, entry_id: str, fields: dict[Any, Any]) -> OutboxEntr
         route=f.get(keys.E_ROUTE, ""),
         occurred_at_ms=int(f.get(keys.E_TIME_MS, "0")),
         gateway_id=f.get(keys.E_GATEWAY, ""),
+        quantity=int(f.get(keys.E_QUANTITY, "1")),
     )
     return OutboxEntry(shard=shard, entry_id=entry_id, event=event)
 

@@ -126,6 +126,9 @@ class IdentityResolver:
         self._format_invalid = resolutions.labels(source="format", result="invalid")
         # secret -> its sha256 hex: a pure function, so caching it changes no answer.
         self._digests: dict[str, str] = {}
+        # Authorization header value -> the Identity it resolved to; valid only while the key
+        # hash's entry in _cache is fresh (see identify_cached).
+        self._by_header: dict[str, Identity] = {}
 
     # ---------------------------------------------------------------- KeyCache (Watch)
 
@@ -136,6 +139,7 @@ class IdentityResolver:
     def clear(self) -> None:
         self._evictions += 1
         self._cache.clear()
+        self._by_header.clear()
 
     def set_watch_connected(self, connected: bool) -> None:
         self._watch_connected = connected
@@ -150,6 +154,31 @@ class IdentityResolver:
         except ValueError:
             return False
         return any(address in net for net in self._networks)
+
+    def identify_cached(self, headers: Mapping[str, str]) -> Identity | None:
+        """identify()'s answer when a fresh local cache entry gives it without I/O, else None.
+
+        Only for `Authorization: Bearer` keys and no trusted proxies configured (the header of
+        a trusted proxy depends on the peer). Same freshness rule as the local cache.
+        """
+        if self._networks:
+            return None
+        auth = headers.get("Authorization")
+        if auth is None:
+            return None
+        ident = self._by_header.get(auth)
+        if ident is None:
+            return None
+        cached = self._cache.get(ident.key_hash or "")
+        if cached is None or cached[0] != ident.project_id:
+            return None
+        ttl = (
+            self.config.positive_ttl_s if self._watch_connected else self.config.disconnected_ttl_s
+        )
+        if self._clock() - cached[1] >= ttl:
+            return None
+        self._local_valid.inc()
+        return ident
 
     async def identify(self, headers: Mapping[str, str], peer_ip: str | None) -> Identity | Reason:
         """The caller's project, or the denial reason (MISSING/INVALID_CREDENTIAL, ...)."""
@@ -176,7 +205,7 @@ class IdentityResolver:
         if cached is not _MISS:
             if cached is None:
                 return Reason.INVALID_CREDENTIAL
-            return Identity(project_id=cached, key_hash=digest)
+            return self._note_header(headers, Identity(project_id=cached, key_hash=digest))
         try:
             project_id = await self.resolve_hash(digest)
         except AuthorityUnavailable:
@@ -187,7 +216,20 @@ class IdentityResolver:
             return Reason.UNAVAILABLE
         if project_id is None:
             return Reason.INVALID_CREDENTIAL
-        return Identity(project_id=project_id, key_hash=digest)
+        return self._note_header(headers, Identity(project_id=project_id, key_hash=digest))
+
+    def _note_header(self, headers: Mapping[str, str], ident: Identity) -> Identity:
+        auth = headers.get("Authorization")
+        if auth is None or self._networks:
+            return ident
+        # SECURITY: only a header whose own Bearer token is this key may stand for it (the
+        # secret may have come from X-Api-Key next to some other Authorization header).
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and key_hash(token.strip()) == ident.key_hash:
+            if len(self._by_header) >= max(self.config.cache_size, 1):
+                self._by_header.clear()
+            self._by_header[auth] = ident
+        return ident
 
     async def resolve(self, secret: str) -> str | None:
         """ports.CredentialResolver: the project of a secret, None when unknown or revoked."""

@@ -54,6 +54,12 @@ def hold_expiry(shard: int) -> str:
     return f"{PREFIX}:{tag(shard)}:hx"
 
 
+def lease(shard: int, lease_id: str) -> str:
+    """Hash: one live lease of a gateway process (lease mode; fields in lease.lua's header).
+    Lease ids start with "L" and are [A-Za-z0-9] only; they share the hold expiry zset."""
+    return f"{PREFIX}:{tag(shard)}:l:{lease_id}"
+
+
 def outbox(shard: int) -> str:
     """Stream: one entry per ended hold; consumer group OUTBOX_GROUP."""
     return f"{PREFIX}:{tag(shard)}:outbox"
@@ -94,3 +100,4 @@ E_METER = "m"
 E_ROUTE = "r"
 E_TIME_MS = "t"
 E_GATEWAY = "g"
+E_QUANTITY = "n"  # requests the event stands for (lease events); missing = 1

@@ -35,6 +35,12 @@ class AuthorityMetrics:
     drift_projects: Gauge
     drift: Counter
     key_resolutions: Counter
+    lease_rounds: Counter
+    lease_ops: Counter
+    lease_errors: Counter
+    lease_renewed: Counter
+    lease_round_duration: Histogram
+    leases: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> AuthorityMetrics:
@@ -137,6 +143,38 @@ class AuthorityMetrics:
                 "creditgate_key_resolutions_total",
                 "API key resolutions by where they were answered and the outcome",
                 ["source", "result"],
+                registry=r,
+            ),
+            lease_rounds=Counter(
+                "creditgate_lease_sync_rounds_total",
+                "Lease sync rounds (one Redis round trip for all shards each)",
+                registry=r,
+            ),
+            lease_ops=Counter(
+                "creditgate_lease_ops_total",
+                "Lease operations sent to Redis by kind (SYNC, CLOSE)",
+                ["kind"],
+                registry=r,
+            ),
+            lease_errors=Counter(
+                "creditgate_lease_sync_errors_total",
+                "Lease operations whose round or shard failed (re-sent unchanged)",
+                registry=r,
+            ),
+            lease_renewed=Counter(
+                "creditgate_lease_renewed_total",
+                "Leases Redis had expired while this process still used them",
+                registry=r,
+            ),
+            lease_round_duration=Histogram(
+                "creditgate_lease_sync_duration_seconds",
+                "Duration of a lease sync round trip",
+                buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+                registry=r,
+            ),
+            leases=Gauge(
+                "creditgate_leases",
+                "Project leases this process holds",
                 registry=r,
             ),
         )

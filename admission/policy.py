@@ -20,7 +20,9 @@ MAX_AMOUNT = 10**15
 CommitMode = Literal["held", "reported", "overage"]
 RedisDownMode = Literal["deny", "allow"]
 DisconnectMode = Literal["release", "commit"]
+AdmissionMode = Literal["lease", "hold"]
 
+_MATCH_CACHE_MAX = 4096
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _METHOD_RE = re.compile(r"^(\*|[A-Z]{1,20})$")
 _PARAM_RE = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_]*\}$")
@@ -37,6 +39,12 @@ class Settings:
     backlog_retry_after_seconds: int = 5
     unavailable_retry_after_seconds: int = 1
     unmatched: Literal["pass", "deny"] = "pass"
+    # "lease": each gateway process admits from blocks of credits/quota units it leases from
+    # Redis and syncs every lease_sync_ms; "hold": one Redis script call per request.
+    admission: AdmissionMode = "lease"
+    lease_sync_ms: int = 20
+    lease_ttl_ms: int = 2000
+    lease_idle_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,15 +93,26 @@ class Policy:
     routes: tuple[Route, ...]
     _by_name: Mapping[str, Route] = field(repr=False, compare=False)
     _regex: re.Pattern[str] | None = field(repr=False, compare=False)
+    # (method, path) -> route: most traffic repeats a few paths; bounded, emptied when full.
+    _matched: dict[tuple[str, str], Route | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def match(self, method: str, path: str) -> Route | None:
         """The first route in file order whose method and path pattern match, or None."""
-        if self._regex is None:
-            return None
-        m = self._regex.fullmatch(f"{method} {path}")
-        if m is None or m.lastgroup is None:
-            return None
-        return self.routes[int(m.lastgroup[1:])]
+        key = (method, path)
+        matched = self._matched
+        if key in matched:
+            return matched[key]
+        route = None
+        if self._regex is not None:
+            m = self._regex.fullmatch(f"{method} {path}")
+            if m is not None and m.lastgroup is not None:
+                route = self.routes[int(m.lastgroup[1:])]
+        if len(matched) >= _MATCH_CACHE_MAX:
+            matched.clear()
+        matched[key] = route
+        return route
 
     def route(self, name: str) -> Route | None:
         return self._by_name.get(name)
@@ -207,6 +226,9 @@ class _Parser:
             ("credit_retry_after_seconds", 1, 86400),
             ("backlog_retry_after_seconds", 1, 86400),
             ("unavailable_retry_after_seconds", 1, 86400),
+            ("lease_sync_ms", 1, 10_000),
+            ("lease_ttl_ms", 100, 600_000),
+            ("lease_idle_ms", 1, 3_600_000),
         ):
             vals[key] = self._int(
                 raw, key, getattr(d, key), lo=lo, hi=hi, fld=f"settings.{key}", loc=loc
@@ -219,6 +241,21 @@ class _Parser:
             fld="settings.unmatched",
             loc=loc,
         )
+        vals["admission"] = self._choice(
+            raw,
+            "admission",
+            d.admission,
+            choices=("lease", "hold"),
+            fld="settings.admission",
+            loc=loc,
+        )
+        if vals["lease_ttl_ms"] < 4 * vals["lease_sync_ms"]:
+            self._fail(
+                "settings.lease_ttl_ms",
+                _sub(loc, "lease_ttl_ms"),
+                f"must be at least 4 x settings.lease_sync_ms ({4 * vals['lease_sync_ms']}), "
+                f"got {vals['lease_ttl_ms']}",
+            )
         return Settings(**vals)
 
     def _quota(self, name: str, body: Any) -> QuotaDef:

@@ -1,4 +1,5 @@
-"""The Redis adapter of the engine: encodes batches for admit.lua / settle.lua / sweep.lua.
+"""The Redis adapter of the engine: encodes batches for admit.lua / settle.lua / sweep.lua /
+lease.lua (lease mode: the keys, arguments and replies are in lease.lua's header).
 
 One pipeline round trip for all shards on standalone Redis; one call per shard on a Cluster.
 """
@@ -114,6 +115,103 @@ _SETTLE_STATUSES = {int(s): s for s in SettleStatus}
 _SETTLE_STATES = {s.encode(): s for s in ("COMMITTED", "RELEASED", "EXPIRED", "ACTIVE", "UNKNOWN")}
 
 
+# -- lease mode (lease.lua) --------------------------------------------------------------------
+
+LEASE_ID_PREFIX = "L"  # hold ids are lowercase hex: the sweeper tells leases apart by this
+
+
+class LeaseStatus(enum.IntEnum):
+    OK = 0  # applied (a repeated seq gets the stored reply of that seq)
+    COLD = 1  # no wallet snapshot: commits/returns applied, nothing granted; fill + resync
+    UNKNOWN = 2  # EXPIRE of a lease that does not exist
+    NOT_DUE = 3  # EXPIRE before the lease's exp: nothing changed
+    WRONG_KEYS = 4  # EXPIRE: the declared keys are not the lease's; call again with them
+    STALE = 5  # SYNC/CLOSE with a seq below the stored one: nothing changed (a bug)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseQuotaOp:
+    quota: QuotaDef  # the policy's definition; project overrides apply in the script
+    used: int  # rate: units of the current grant used since the last sync (stamped at now)
+    keep: int  # rate: unused units carried; concurrency: slots kept (in flight + free kept)
+    want: int  # more units/slots wanted beyond keep
+    want_min: int  # the least grant that serves a waiting request (0: none waiting)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseEvent:
+    """Aggregated commits of one route+meter since the last sync."""
+
+    event_id: str  # "<lease_id>.<seq>.<i>"
+    amount: int  # credits charged (> 0)
+    held: int  # sum of the holds these commits ended
+    count: int  # number of requests (ledger quantity)
+    meter: str
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseOp:
+    kind: str  # "SYNC" | "CLOSE" | "EXPIRE"
+    shard: int
+    lease_id: str
+    project_id: str  # "" for EXPIRE
+    seq: int  # 1, 2, 3... per lease (SYNC/CLOSE); 0 for EXPIRE
+    ttl_ms: int  # grant lifetime; the lease expires at now + ttl_ms unless synced again
+    keep: int  # credits kept (in-flight holds + free kept); trusted, not checked
+    want: int  # more credits wanted
+    want_min: int  # least credit grant that serves a waiting request (0: none)
+    unsettled_limit: int  # the policy default (the wallet's unsl field overrides, like admit)
+    quotas: tuple[LeaseQuotaOp, ...] = ()
+    events: tuple[LeaseEvent, ...] = ()
+    wallet_key: str | None = None  # EXPIRE: declared wallet key (None: unknown yet)
+    counters: tuple[str, ...] = ()  # EXPIRE: declared concurrency counter keys
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseQuotaResult:
+    name: str
+    kind: QuotaKind  # effective kind (after project override)
+    limit: int
+    window_seconds: int  # 0 for concurrency
+    granted: int  # rate: units in the new grant; concurrency: pool size (keep + new)
+    remaining: int  # limit minus everything counted in Redis after this sync (>= 0)
+    reset_seconds: int  # rate: until the oldest counted entry leaves the window; 0 otherwise
+    retry_after_seconds: int  # when granted - keep < want_min: until want_min could fit; else 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseResult:
+    status: LeaseStatus
+    now_ms: int
+    expires_ms: int  # the lease's new exp (SYNC), 0 otherwise
+    wallet_state: WalletState
+    low: bool  # snap - uns - held < low threshold, after this sync
+    grace_until_ms: int
+    amount: int  # credits now held by the lease (keep + granted); 0 after CLOSE/EXPIRE
+    reason: Reason | None  # when the credit grant < want_min (WALLET_EXPIRED: always if EXPIRED)
+    renewed: bool  # SYNC found no lease although seq > 1 (it had expired): started afresh
+    quotas: tuple[LeaseQuotaResult, ...] = ()
+    wallet_key: str = ""  # WRONG_KEYS
+    counters: tuple[str, ...] = ()  # WRONG_KEYS
+
+
+_LEASE_STATUSES = {int(s): s for s in LeaseStatus}
+_LEASE_KINDS = ("SYNC", "CLOSE", "EXPIRE")
+
+
+def is_lease_id(item_id: str) -> bool:
+    """An id from the hold expiry zset that names a lease (not a hold)."""
+    return item_id.startswith(LEASE_ID_PREFIX)
+
+
+def expire_op(
+    shard: int, lease_id: str, wallet_key: str | None = None, counters: tuple[str, ...] = ()
+) -> LeaseOp:
+    """The sweeper's EXPIRE of a due lease (first call: keys unknown; then the named ones)."""
+    return LeaseOp("EXPIRE", shard, lease_id, "", 0, 0, 0, 0, 0, 0, (), (), wallet_key, counters)
+
+
 @dataclass(frozen=True, slots=True)
 class Due:
     """Holds of one shard whose expiry had passed at `now_ms` (Redis time)."""
@@ -131,6 +229,7 @@ class StoreStats:
     script_calls: int = 0
     admit_ops: int = 0
     settle_ops: int = 0
+    lease_ops: int = 0
     script_loads: int = 0
     errors: int = 0
 
@@ -169,7 +268,7 @@ class Store:
         self._gateway = gateway_id
         self._scripts = {
             name: client.register_script(_lua(f"{name}.lua"))
-            for name in ("admit", "settle", "sweep")
+            for name in ("admit", "settle", "sweep", "lease")
         }
         self.stats = StoreStats()
         self._key_cache: dict[tuple[str, tuple[QuotaDef, ...]], list[str]] = {}
@@ -359,6 +458,99 @@ class Store:
             raw[6],
         )
 
+    def _lease_call(self, shard: int, ops: Sequence[LeaseOp]) -> tuple[list[str], list[str]]:
+        """lease.lua's keys and arguments (layout in the script's header)."""
+        ks = [keys.hold_expiry(shard), keys.clock_offset(shard), keys.outbox(shard)]
+        args = [keys.wallet(shard, "")[: -len("w:")], self._gateway, str(len(ops))]
+        for op in ops:
+            if op.kind not in _LEASE_KINDS:
+                raise ValueError(f"unknown lease op kind {op.kind!r}")
+            ks.append(keys.lease(shard, op.lease_id))
+            if op.kind == "EXPIRE":
+                extra = [] if op.wallet_key is None else [op.wallet_key, *op.counters]
+                ks += extra
+                args.append(f"EXPIRE {op.lease_id} {len(extra)}")
+                continue
+            p = op.project_id
+            ks += [keys.wallet(shard, p), keys.quota_defs(shard, p)]
+            parts = [
+                op.kind,
+                op.lease_id,
+                p,
+                str(op.seq),
+                str(op.ttl_ms),
+                str(op.keep),
+                str(op.want),
+                str(op.want_min),
+                str(op.unsettled_limit),
+                str(len(op.quotas)),
+                str(len(op.events)),
+            ]
+            for qo in op.quotas:
+                q = qo.quota
+                ks += [
+                    keys.rate(shard, p, q.name),
+                    keys.rate_sum(shard, p, q.name),
+                    keys.concurrency(shard, p, q.name),
+                ]
+                parts += [
+                    q.name,
+                    q.kind.value,
+                    str(q.limit),
+                    str(q.window_seconds),
+                    str(qo.used),
+                    str(qo.keep),
+                    str(qo.want),
+                    str(qo.want_min),
+                ]
+            for ev in op.events:
+                parts += [
+                    ev.event_id,
+                    str(ev.amount),
+                    str(ev.held),
+                    str(ev.count),
+                    ev.meter,
+                    ev.route,
+                ]
+            args.append(" ".join(parts))
+        return ks, args
+
+    @staticmethod
+    def _decode_lease(raw: list[Any]) -> LeaseResult:
+        # A repeated seq's reply comes from its stored JSON: every element a string, so numbers
+        # go through int() (which takes the RESP integers and the bulk strings alike).
+        quotas: list[LeaseQuotaResult] = []
+        base = 12
+        for _ in range(int(raw[11])):
+            quotas.append(
+                LeaseQuotaResult(
+                    _s(raw[base]),
+                    QuotaKind.RATE if int(raw[base + 1]) == 0 else QuotaKind.CONCURRENCY,
+                    int(raw[base + 2]),
+                    int(raw[base + 3]),
+                    int(raw[base + 4]),
+                    int(raw[base + 5]),
+                    int(raw[base + 6]),
+                    int(raw[base + 7]),
+                )
+            )
+            base += 8
+        reason = int(raw[7])
+        return LeaseResult(
+            _LEASE_STATUSES[int(raw[0])],
+            int(raw[1]),
+            int(raw[2]),
+            _STATES.get(int(raw[3]), WalletState.UNSPECIFIED),
+            int(raw[4]) == 1,
+            int(raw[5]),
+            int(raw[6]),
+            _REASONS[reason] if reason else None,
+            int(raw[8]) == 1,
+            tuple(quotas),
+            _s(raw[9]) if raw[9] else "",
+            tuple(_s(raw[10]).split()) if raw[10] else (),
+        )
+
     # -- running ----------------------------------------------------------------------------
 
     async def run(
@@ -414,6 +606,34 @@ class Store:
                     continue
                 settle_out[shard] = [*(s_prev or []), *(self._decode_settle(r) for r in res)]
         return admit_out, settle_out
+
+    async def run_leases(
+        self, ops: Mapping[int, Sequence[LeaseOp]]
+    ) -> dict[int, list[LeaseResult] | BaseException]:
+        """Every shard's lease ops in one round trip (Cluster: one call per shard); a failed
+        shard maps to its StoreUnavailable. Chunks of MAX_OPS_PER_CALL like run(): a shard whose
+        later chunk failed maps to the error although its earlier chunks were applied."""
+        calls: list[tuple[int, int, tuple[list[str], list[str]]]] = []
+        out: dict[int, list[LeaseResult] | BaseException] = {}
+        for shard, sops in ops.items():
+            out[shard] = []
+            for lo in range(0, len(sops), MAX_OPS_PER_CALL):
+                calls.append((shard, lo, self._lease_call(shard, sops[lo : lo + MAX_OPS_PER_CALL])))
+            self.stats.lease_ops += len(sops)
+        raw = await self._execute([("lease", call) for _, _, call in calls])
+        for (shard, lo, _), res in zip(calls, raw, strict=True):
+            prev = out[shard]
+            if isinstance(prev, BaseException):
+                continue
+            if isinstance(res, BaseException):
+                out[shard] = res
+                continue
+            chunk = ops[shard][lo : lo + MAX_OPS_PER_CALL]
+            if len(res) != len(chunk):
+                out[shard] = StoreUnavailable(f"lease.lua answered {len(res)} of {len(chunk)}")
+                continue
+            prev.extend(self._decode_lease(r) for r in res)
+        return out
 
     async def due_holds(self, shards: Sequence[int], limit: int) -> dict[int, Due]:
         """Ids of expired holds per shard (Redis time); raises StoreUnavailable."""

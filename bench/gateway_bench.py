@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import secrets
@@ -66,6 +67,7 @@ quotas = ["requests", "concurrent"]
 SERVERS = (
     "bare",
     "plugin",
+    "plugin-hold",
     "plugin-no-flusher",
     "plugin-ext-flusher",
     "redis-peer",
@@ -91,16 +93,19 @@ def serve_bare(args: argparse.Namespace) -> None:
     _serve(app, args.port)
 
 
-def serve_plugin(args: argparse.Namespace, *, run_flusher: bool = True) -> None:
+def serve_plugin(
+    args: argparse.Namespace, *, run_flusher: bool = True, admission: str = "lease"
+) -> None:
     from admission.policy import parse_policy
     from gateway_plugin import GatewayConfig, setup
 
     app = web.Application()
     app.router.add_get("/work", _ok)
+    policy = POLICY.replace("[settings]", f'[settings]\nadmission = "{admission}"', 1)
     setup(
         app,
         GatewayConfig(
-            policy=parse_policy(POLICY, "bench-policy.toml"),
+            policy=parse_policy(policy, "bench-policy.toml"),
             redis_url=args.redis_url,
             authority_target=args.authority,
             authority_token=args.token,
@@ -109,6 +114,11 @@ def serve_plugin(args: argparse.Namespace, *, run_flusher: bool = True) -> None:
         ),
     )
     _serve(app, args.port)
+
+
+def serve_plugin_hold(args: argparse.Namespace) -> None:
+    """The plugin in hold mode: one admit and one settle script op per request (batched)."""
+    serve_plugin(args, admission="hold")
 
 
 def serve_plugin_no_flusher(args: argparse.Namespace) -> None:
@@ -238,7 +248,20 @@ def run_load(args: argparse.Namespace) -> None:
 _WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def _wrk(url: str, token: str, connections: int, seconds: float, pin: list[str]) -> dict[str, Any]:
+def _wrk(
+    url: str,
+    token: str,
+    connections: int,
+    seconds: float,
+    pin: list[str],
+    delay_ms: int = 0,
+) -> dict[str, Any]:
+    """wrk's figures; `delay_ms` > 0 paces each connection (that pause between its requests)."""
+    script: list[str] = []
+    if delay_ms > 0:
+        path = Path(tempfile.gettempdir()) / f"cg-bench-delay-{delay_ms}.lua"
+        path.write_text(f"function delay()\n  return {delay_ms}\nend\n")
+        script = ["-s", str(path)]
     out = subprocess.run(
         [
             *pin,
@@ -247,6 +270,7 @@ def _wrk(url: str, token: str, connections: int, seconds: float, pin: list[str])
             f"-c{connections}",
             f"-d{int(seconds)}s",
             "--latency",
+            *script,
             "-H",
             f"Authorization: Bearer {token}",
             url,
@@ -433,11 +457,102 @@ def orchestrate(args: argparse.Namespace) -> None:
                 if ext is not None:
                     _stop(ext)
                 _stop(proc)
+        half: dict[str, dict[str, Any]] = {}
+        if args.half_load and args.loader == "wrk" and {"bare", "plugin"} <= set(results):
+            rate = results["plugin"]["rps_median"] / 2
+            for name in ("bare", "plugin"):
+                proc, port = _spawn(name, *common, pin=_pin(args, "0"))
+                try:
+                    half[name] = _paced(f"http://127.0.0.1:{port}/work", secret, rate, args)
+                finally:
+                    _stop(proc)
+        cold: dict[str, float] = {}
+        if args.cold > 0 and "plugin" in servers:
+            proc, port = _spawn("plugin", *common, pin=_pin(args, "0"))
+            try:
+                cold = asyncio.run(
+                    _cold_latency(f"http://127.0.0.1:{port}/work", target, token, args.cold)
+                )
+            finally:
+                _stop(proc)
     finally:
         _stop(authority)
         redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     _report(results, args)
+    if half:
+        _report_half(half)
+    if cold:
+        print(
+            f"\ncold project, first request (identity + cache fill + lease), {args.cold} "
+            f"projects: p50 {cold['p50_ms']:.2f} ms, p99 {cold['p99_ms']:.2f} ms, "
+            f"max {cold['max_ms']:.2f} ms;"
+            f" the next request of the same project: p50 {cold['warm_p50_ms']:.2f} ms"
+        )
+
+
+_PACE_DELAY_MS = 5
+
+
+def _paced(url: str, token: str, rate: float, args: argparse.Namespace) -> dict[str, Any]:
+    """wrk at about `rate` req/s: connections that pause _PACE_DELAY_MS between requests."""
+    connections = max(1, math.ceil(rate * _PACE_DELAY_MS / 1000))
+    pin = _pin(args, "1")
+    _wrk(url, token, connections, args.warmup, pin, _PACE_DELAY_MS)
+    runs = [
+        _wrk(url, token, connections, args.seconds, pin, _PACE_DELAY_MS) for _ in range(args.repeat)
+    ]
+    return {
+        "rps": statistics.median(r["rps"] for r in runs),
+        "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+        "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+        "connections": connections,
+        "target": rate,
+    }
+
+
+def _report_half(half: dict[str, dict[str, Any]]) -> None:
+    bare, plugin = half["bare"], half["plugin"]
+    print(
+        f"\nat half of the plugin's max ({plugin['target']:.0f} req/s offered by "
+        f"{plugin['connections']} connections pausing {_PACE_DELAY_MS} ms; medians of runs):"
+    )
+    print(f"{'server':<18}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}")
+    for name, r in half.items():
+        print(f"{name:<18}{r['rps']:>10.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}")
+    print(
+        f"added by the plugin: p50 {plugin['p50_ms'] - bare['p50_ms']:+.2f} ms, "
+        f"p99 {plugin['p99_ms'] - bare['p99_ms']:+.2f} ms"
+    )
+
+
+async def _cold_latency(url: str, target: str, token: str, count: int) -> dict[str, float]:
+    """First request of `count` new projects (each with its own key), one at a time."""
+    import aiohttp
+
+    secrets_ = [
+        await _create_project(target, token, f"cold-{secrets.token_hex(4)}") for _ in range(count)
+    ]
+    cold: list[float] = []
+    warm: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for secret in secrets_:
+            headers = {"Authorization": f"Bearer {secret}"}
+            for out in (cold, warm):
+                t0 = time.perf_counter()
+                async with session.get(url, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"cold-project request answered {resp.status}")
+                out.append((time.perf_counter() - t0) * 1000)
+    cold.sort()
+    warm.sort()
+    return {
+        "p50_ms": cold[len(cold) // 2],
+        "p99_ms": cold[min(len(cold) - 1, int(len(cold) * 0.99))],
+        "max_ms": cold[-1],
+        "warm_p50_ms": warm[len(warm) // 2],
+    }
 
 
 def _pin(args: argparse.Namespace, cpu: str) -> list[str]:
@@ -500,9 +615,19 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--servers", default=",".join(SERVERS))
         p.add_argument("--loader", choices=("auto", "wrk", "aiohttp"), default="auto")
         p.add_argument("--pin", action="store_true", help="taskset: server CPU 0, load CPU 1")
+        p.add_argument(
+            "--half-load",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="also bare and plugin at half of the plugin's max (wrk only): added latency",
+        )
+        p.add_argument(
+            "--cold", type=int, default=50, help="first-request latency of N new projects"
+        )
     modes: dict[str, Callable[[argparse.Namespace], None]] = {
         "bare": serve_bare,
         "plugin": serve_plugin,
+        "plugin-hold": serve_plugin_hold,
         "plugin-no-flusher": serve_plugin_no_flusher,
         "redis-peer": serve_redis_peer,
         "grpc-peer": serve_grpc_peer,

@@ -14,6 +14,8 @@ from creditservice.v1 import credit_pb2 as pb
 
 MAX_AMOUNT = 10**15
 """Largest single amount in the smallest unit (team convention)."""
+MAX_QUANTITY = 2**62
+"""Largest meter quantity (RecordUsage.quantity, SettlementEvent.quantity)."""
 MAX_PAGE_SIZE = 1000
 MAX_SETTLE_EVENTS = 10_000
 MAX_TTL_SECONDS = 7 * 24 * 3600
@@ -247,6 +249,7 @@ def settle_event(ev: pb.SettlementEvent, index: int) -> None:
         and len(ev.route) <= MAX_SHORT_TEXT
         and ev.occurred_at_ms >= 0
         and len(ev.gateway_id) <= 128
+        and 0 <= ev.quantity <= MAX_QUANTITY
     ):
         return
     _explain_settle_event(ev, f"events[{index}]")
@@ -269,6 +272,7 @@ def _explain_settle_event(ev: pb.SettlementEvent, at: str) -> None:
     text(ev.route, f"{at}.route", limit=MAX_SHORT_TEXT)
     amount(ev.occurred_at_ms, f"{at}.occurred_at_ms", minimum=0, maximum=2**62)
     text(ev.gateway_id, f"{at}.gateway_id", limit=128)
+    amount(ev.quantity, f"{at}.quantity", minimum=0, maximum=MAX_QUANTITY)
     raise AssertionError("settle_event and _explain_settle_event disagree")  # pragma: no cover
 
 
@@ -297,7 +301,7 @@ def record_usage(req: pb.RecordUsageRequest) -> None:
     project_id(req.project_id)
     meter(req.meter, required=True)
     amount(req.amount)
-    amount(req.quantity, "quantity", minimum=0, maximum=2**62)
+    amount(req.quantity, "quantity", minimum=0, maximum=MAX_QUANTITY)
     text(req.description, "description")
 
 

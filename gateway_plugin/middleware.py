@@ -10,7 +10,10 @@ runs, and its outcome picks how the hold ends:
     ConnectionResetError / CancelledError / client gone   -> route.on_disconnect
     handler called usage(request).release()               -> release
 
-Ending a hold is queued into the engine's batch synchronously (engine.end_hold), never awaited
+In lease mode (the default, settings.admission = "lease") admission and ending are local to
+the process (admission.lease.LeaseAdmitter); a request waits only when its project's lease does
+not cover it. In hold mode, ending a hold is queued into the engine's batch synchronously
+(engine.end_hold), never awaited
 in the request task: a cancelled request (client gone with handler cancellation on, or
 shutdown) cannot lose or half-send a commit. Its future is tracked in GatewayState.settling;
 only a commit/release that met a Redis outage gets a task (retries with backoff). Headers of
@@ -93,9 +96,18 @@ def make_middleware(state: GatewayState) -> Middleware:
         if identity is None or engine is None:
             decision = _NOT_STARTED
         else:
-            who = await identity.identify(request.headers, request.remote)
+            headers = request.headers
+            who = identity.identify_cached(headers) or await identity.identify(
+                headers, request.remote
+            )
+            leases = state.leases
             if isinstance(who, Reason):
                 decision = _identity_denials[who]
+            elif leases is not None:
+                # Lease mode: most requests are decided here without I/O.
+                decision = leases.try_admit(route, who.project_id) or await leases.admit(
+                    route, who.project_id
+                )
             else:
                 decision = await engine.admit_route(route, who.project_id)
         observe(perf() - started)
@@ -164,6 +176,10 @@ def _end(state: GatewayState, handle: UsageHandle, commit: bool) -> None:
     if handle.released:
         commit = _RELEASE
     amount = handle.commit_amount() if commit else 0
+    leases = state.leases
+    if leases is not None:  # lease mode: ended locally, synced to Redis with the lease
+        _record(state, hold, commit, leases.end(hold, commit, amount))
+        return
     fut = engine.end_hold(hold, commit, amount)
     state.settling.add(fut)
     fut.add_done_callback(functools.partial(_ended, state, hold, commit, amount))

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from admission.engine import AdmissionEngine
     from admission.flusher import Flusher
     from admission.identity import IdentityResolver
+    from admission.lease import LeaseAdmitter
 
 log = logging.getLogger("gateway_plugin")
 
@@ -52,6 +53,7 @@ class GatewayState:
     filler: CacheFiller | None = None
     identity: IdentityResolver | None = None
     engine: AdmissionEngine | None = None
+    leases: LeaseAdmitter | None = None  # lease mode only
     watch: WatchSubscriber | None = None
     flusher: Flusher | None = None
     # Commits/releases in flight (engine futures; tasks for ones retrying after a Redis
@@ -65,7 +67,10 @@ class GatewayState:
     exempt_handlers: set[Callable[..., Any]] = field(default_factory=set)
 
     async def wait_settled(self, within_s: float | None = None) -> None:
-        """Waits (at most within_s) until every commit/release started so far is done."""
+        """Waits (at most within_s) until every commit/release started so far is done
+        (lease mode: reached Redis with its lease's sync)."""
+        if self.leases is not None:
+            await self.leases.flush(5.0 if within_s is None else within_s)
         # A commit that met a Redis outage hands over to a retry task: wait for that too.
         pending = set(self.settling)
         seen: set[asyncio.Future[Any]] = set()
@@ -161,6 +166,7 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
     from admission.engine import AdmissionEngine
     from admission.flusher import Flusher
     from admission.identity import IdentityConfig, IdentityResolver
+    from admission.lease import LeaseAdmitter
     from admission.redis_client import RedisSettings, build_client
 
     config = state.config
@@ -200,8 +206,25 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
     stack.push_async_callback(_bounded, engine.drain, "engine drain")
     state.engine = engine
 
+    leases = None
+    if settings.admission == "lease":
+        leases = LeaseAdmitter(
+            engine.store,
+            state.policy,
+            filler,
+            route_problem=engine.route_problem,
+            registry=registry,
+        )
+        leases.start()
+        state.leases = leases
+
     if config.run_watch:
-        watch = WatchSubscriber(filler, key_caches=(identity,), registry=registry)
+        watch = WatchSubscriber(
+            filler,
+            key_caches=(identity,),
+            project_listeners=(leases.invalidate,) if leases is not None else (),
+            registry=registry,
+        )
         await watch.start()
         stack.push_async_callback(_bounded, watch.aclose, "watch")
         state.watch = watch
@@ -233,6 +256,10 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
     elif config.run_sweeper:
         # No flusher here to host the sweep: run it on its own.
         _spawn(state, stack, "sweeper", lambda: _sweep(state))
+
+    if leases is not None:
+        # Before the flusher drains: the leases' last commits reach the outbox first.
+        stack.push_async_callback(_bounded, leases.aclose, "leases")
 
     # Last in, first out: holds still ending reach Redis before the flusher drains.
     stack.push_async_callback(_drain_settlements, state)

@@ -31,6 +31,7 @@ from tests.services import RedisProcess, start_redis
 GATEWAY_POLICY = """
 [settings]
 shards = 4
+admission = "lease"
 credit_retry_after_seconds = 30
 backlog_retry_after_seconds = 5
 unavailable_retry_after_seconds = 2
@@ -165,6 +166,24 @@ class Gateway:
                 await asyncio.sleep(0.01)  # polling a condition with a deadline
 
 
+# The same policy with one Redis script call per request (hold mode).
+GATEWAY_POLICY_HOLD = GATEWAY_POLICY.replace('admission = "lease"', 'admission = "hold"', 1)
+
+
+async def credits_in_flight(state: GatewayState, project: str) -> dict[str, int]:
+    """{"held": credits held by requests not ended, "uns": committed, not yet settled}.
+
+    Hold mode: the wallet hash's own fields. Lease mode: Redis's `held` counts the whole lease
+    block, so what requests hold is the process's lease (`inflight`); `uns` is Redis's.
+    """
+    shard = keys.shard_of(project, state.policy.settings.shards)
+    raw = await state.redis.hgetall(keys.wallet(shard, project))
+    out = {k.decode(): int(v) for k, v in raw.items() if k.decode() in ("held", "uns")}
+    if state.leases is not None:
+        out["held"] = sum(x.inflight for x in state.leases.leases if x.project_id == project)
+    return out
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -277,7 +296,10 @@ def project_factory(
 async def usage_sum(
     stub: pb_grpc.CreditServiceAsyncStub, token: str, project_id: str
 ) -> tuple[int, int]:
-    """(sum of USAGE amounts charged, number of USAGE entries) in the project's ledger."""
+    """(sum of USAGE amounts charged, requests charged) in the project's ledger.
+
+    Requests are the entries' quantities: a hold-mode entry is one request, a lease-mode entry
+    aggregates the commits of one route+meter between two lease syncs."""
     total = entries = 0
     page = ""
     while True:
@@ -289,7 +311,7 @@ async def usage_sum(
         for e in resp.entries:
             if e.kind == pb.USAGE:
                 total += -e.amount
-                entries += 1
+                entries += e.quantity
         page = resp.next_page_token
         if not page:
             return total, entries

@@ -659,7 +659,12 @@ async def test_reservation_refusals(world: World) -> None:
 
 
 def ev(
-    event_id: str, pid: str, kind: int = pb.COMMIT, amount: int = 5, held: int = 10
+    event_id: str,
+    pid: str,
+    kind: int = pb.COMMIT,
+    amount: int = 5,
+    held: int = 10,
+    quantity: int = 0,
 ) -> pb.SettlementEvent:
     return pb.SettlementEvent(
         event_id=event_id,
@@ -671,6 +676,7 @@ def ev(
         meter="requests",
         route="GET /v1/things",
         gateway_id="gw-1",
+        quantity=quantity,
     )
 
 
@@ -719,6 +725,7 @@ async def test_settle_refusals(world: World) -> None:
         (ev("x4", w.a, amount=2**62), "events[1].amount"),
         (ev("x5", w.a, kind=pb.RELEASE, amount=3), "events[1].amount"),
         (ev("x6", "Not Valid"), "events[1].project_id"),
+        (ev("x7", w.a, quantity=-1), "events[1].quantity"),
     ]
     for bad, field in cases:
         batch = pb.SettleRequest(events=[ev("fine", w.a), bad])

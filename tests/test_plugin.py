@@ -24,6 +24,7 @@ from gateway_plugin import GATEWAY_KEY, GatewayConfig, UsageError, setup, usage
 from gateway_plugin.metrics import ProjectDecisions
 from tests.fixtures_gateway import (
     GATEWAY_POLICY,
+    GATEWAY_POLICY_HOLD,
     GatewayFactory,
     ProjectFactory,
     bearer,
@@ -244,8 +245,10 @@ async def test_unmatched_route_denied_400_metrics_served(gateway_factory: Gatewa
 async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
     gateway_factory: GatewayFactory, project_factory: ProjectFactory, own_redis: RedisProcess
 ) -> None:
+    """Hold mode: every request needs Redis, so the outage shows on the next request."""
     gw = await gateway_factory(
         BASIC_ROUTES,
+        policy_text=GATEWAY_POLICY_HOLD,
         redis_url=own_redis.url,
         flusher_drain_timeout_seconds=0.5,
         settle_drain_timeout_seconds=0.5,
@@ -266,6 +269,36 @@ async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
         )
         == 1
     )
+
+
+async def test_redis_down_lease_mode_admits_only_what_it_leased(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory, own_redis: RedisProcess
+) -> None:
+    """Lease mode: credits and units already leased were reserved in Redis before the outage;
+    the gateway spends them (never more), then the route's on_redis_down policy applies."""
+    gw = await gateway_factory(
+        BASIC_ROUTES,
+        redis_url=own_redis.url,
+        flusher_drain_timeout_seconds=0.5,
+        settle_drain_timeout_seconds=0.5,
+    )
+    project, secret = await project_factory(1000)
+    assert (await gw.client.get("/charged", headers=bearer(secret))).status == 200
+    await gw.state.wait_settled(10)
+    leases = gw.state.leases
+    assert leases is not None
+    (lease,) = [x for x in leases.leases if x.project_id == project]
+    leased_requests = lease.free // 10
+    own_redis.stop()
+    statuses = [
+        (await gw.client.get("/charged", headers=bearer(secret))).status
+        for _ in range(leased_requests + 1)
+    ]
+    assert statuses.count(200) <= leased_requests
+    assert statuses[-1] == 503
+    resp = await gw.client.get("/charged", headers=bearer(secret))
+    await problem(resp, 503, "admission-unavailable")
+    assert int(resp.headers["Retry-After"]) == 2
 
 
 async def test_reported_usage_and_overage(

@@ -7,17 +7,26 @@ every wait polls a condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import http_sfv
+import pytest
 from aiohttp import web
 
-from admission import keys
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from gateway_plugin import usage
-from tests.fixtures_gateway import Gateway, GatewayFactory, ProjectFactory, usage_sum
+from tests.fixtures_gateway import (
+    GATEWAY_POLICY,
+    GATEWAY_POLICY_HOLD,
+    Gateway,
+    GatewayFactory,
+    ProjectFactory,
+    credits_in_flight,
+    usage_sum,
+)
 
 
 async def until(condition: Callable[[], bool], deadline_s: float = 10.0) -> None:
@@ -28,9 +37,16 @@ async def until(condition: Callable[[], bool], deadline_s: float = 10.0) -> None
 
 
 async def wallet(gw: Gateway, project: str) -> dict[str, int]:
-    shard = keys.shard_of(project, gw.state.policy.settings.shards)
-    raw = await gw.state.redis.hgetall(keys.wallet(shard, project))
-    return {k.decode(): int(v) for k, v in raw.items() if k.decode() in ("held", "uns")}
+    return await credits_in_flight(gw.state, project)
+
+
+@pytest.fixture(params=["lease", "hold"])
+def gateway_factory(
+    request: pytest.FixtureRequest, gateway_factory: GatewayFactory
+) -> GatewayFactory:
+    """Every test here runs in both admission modes: the HTTP semantics are the same."""
+    text = GATEWAY_POLICY if request.param == "lease" else GATEWAY_POLICY_HOLD
+    return functools.partial(gateway_factory, policy_text=text)  # type: ignore[return-value]
 
 
 class Stream:

@@ -32,7 +32,7 @@ from gateway_plugin.proxy import (
     upstream_request_headers,
     upstream_url,
 )
-from tests.fixtures_gateway import ProjectFactory, bearer, usage_sum
+from tests.fixtures_gateway import ProjectFactory, bearer, credits_in_flight, usage_sum
 from tests.services import free_port
 
 COST = 5
@@ -399,8 +399,8 @@ async def test_upstream_down_is_502_and_released(
     async with client.get("/v1/open-but-unreachable", headers=bearer(secret)) as r:
         assert r.status == 502
     await settle(client)
-    wallet = await client.app[GATEWAY_KEY].redis.hgetall(wallet_key(project))
-    assert int(wallet[b"held"]) == 0 and int(wallet[b"uns"]) == 0  # both holds released
+    wallet = await credits_in_flight(client.app[GATEWAY_KEY], project)
+    assert wallet == {"held": 0, "uns": 0}  # both holds released
     assert await usage_sum(authority_stub, authority.config.admin_token, project) == (0, 0)
 
 

@@ -505,6 +505,36 @@ async def test_settle_rejects_unknown_project_and_replays_the_rejection(store: S
     assert (await store.settle([], NOW)).results == []
 
 
+async def test_settle_records_quantity_and_rejects_a_negative_one(store: Store) -> None:
+    """USAGE quantity = the event's quantity, 0 (unset) meaning 1; a negative one is REJECTED
+    (the boundary refuses it first; the store holds the same rule) and replays as REJECTED."""
+    pid = await make_wallet(store, topup=1000, threshold=0)
+    resp = await store.settle(
+        [
+            commit_event("q1", pid, 40, quantity=37),
+            commit_event("q2", pid, 5),
+            commit_event("q3", pid, 6, quantity=-2),
+            pb.SettlementEvent(event_id="q4", kind=pb.EXPIRE, project_id=pid, held_amount=9),
+        ],
+        NOW,
+    )
+    assert [r.status for r in resp.results] == [pb.APPLIED, pb.APPLIED, pb.REJECTED, pb.APPLIED]
+    assert "quantity" in resp.results[2].error and "-2" in resp.results[2].error
+    assert resp.results[2].ledger_seq == 0
+    assert resp.wallets[0].balance == 1000 - 45
+    usage = {e.reference: e.quantity for e in await ledger(store, pid) if e.kind == pb.USAGE}
+    assert usage == {"q1": 37, "q2": 1}
+    cursor = await store.last_cursor()
+    again = await store.settle([commit_event("q3", pid, 6, quantity=3)], NOW + 1)
+    assert (again.results[0].status, again.results[0].error) == (
+        pb.REJECTED,
+        resp.results[2].error,
+    )
+    assert (await store.get_wallet(pid)).balance == 1000 - 45
+    assert await store.last_cursor() == cursor
+    assert await store.verify() == []
+
+
 async def test_settle_changes_once_per_wallet_per_batch(store: Store) -> None:
     pid = await make_wallet(store, topup=300, threshold=100)
     cursor = await store.last_cursor()

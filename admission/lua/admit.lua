@@ -109,6 +109,14 @@ local function ceil_s(ms)
   return math.ceil(ms / 1000)
 end
 
+-- Never shortens a TTL: a lease's grant in the same log may be stamped in the future (lease.lua).
+local function extend_ttl(key, ms)
+  local pt = redis.call('PTTL', key)
+  if pt == -1 or (pt >= 0 and pt < ms) then
+    redis.call('PEXPIRE', key, ms)
+  end
+end
+
 local results = {}
 local ki = 3
 local nops = tonumber(ARGV[1])
@@ -206,9 +214,10 @@ for op = 1, nops do
         if q.kind == 'rate' then
           local ttl = q.win * 1000 + 1000
           redis.call('ZADD', q.log, now, hid .. ':' .. fmt(weight))
-          redis.call('PEXPIRE', q.log, ttl)
+          extend_ttl(q.log, ttl)
           q.used = q.used + weight
-          redis.call('SET', q.sum_key, fmt(q.used), 'PX', ttl)
+          redis.call('SET', q.sum_key, fmt(q.used), 'KEEPTTL')
+          extend_ttl(q.sum_key, ttl)
           if not q.oldest then
             q.oldest = now
           end

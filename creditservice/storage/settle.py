@@ -27,6 +27,8 @@ async def settle_batch(work: Work, events: Sequence[pb.SettlementEvent]) -> pb.S
     A known event answers DUPLICATE with its first result (REJECTED again if it was rejected);
     a repeat inside the batch counts as known. `wallets` holds every wallet an event of this
     batch was applied to; only a wallet whose balance moved gets a new version and a change.
+    A COMMIT's USAGE entry records the event's `quantity`, the requests it stands for (0, as
+    from a gateway older than the field, means 1); a negative quantity is REJECTED.
     """
     resp = pb.SettleResponse()
     if not events:
@@ -69,12 +71,16 @@ async def settle_batch(work: Work, events: Sequence[pb.SettlementEvent]) -> pb.S
         balance = balances.get(pid)
         kind = e.kind
         amount = e.amount
+        quantity = e.quantity
         lseq = 0
         error = ""
         if balance is None:
             status, error = _REJECTED, f"unknown project {pid!r}"
         elif kind not in _KINDS or amount < 0:
             status, error = _REJECTED, "invalid settlement event (kind or amount)"
+        elif quantity < 0:
+            status = _REJECTED
+            error = f"invalid settlement event (quantity must be >= 0, got {quantity})"
         else:
             status = _APPLIED
             touched[pid] = None
@@ -85,7 +91,7 @@ async def settle_batch(work: Work, events: Sequence[pb.SettlementEvent]) -> pb.S
                 balances[pid] = balance
                 ledger_rows.append(
                     (seq, pid, _USAGE, -amount, balance, e.meter or domain.DEFAULT_METER,
-                     eid, "", "", now, e.route, 1)
+                     eid, "", "", now, e.route, quantity or 1)
                 )  # fmt: skip
         known[eid] = (status, error, lseq)
         applied_rows.append((eid, status, error, lseq, pid))

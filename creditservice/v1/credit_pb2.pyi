@@ -1254,6 +1254,7 @@ class SettlementEvent(_message.Message):
     ROUTE_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_MS_FIELD_NUMBER: _builtins.int
     GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """idempotency id, unique per ended hold"""
     kind: Global___SettleKind.ValueType
@@ -1269,6 +1270,8 @@ class SettlementEvent(_message.Message):
     occurred_at_ms: _builtins.int
     """Redis time when the hold ended"""
     gateway_id: _builtins.str
+    quantity: _builtins.int
+    """requests this event stands for (ledger quantity); >= 0, 0 means 1"""
     def __init__(
         self,
         *,
@@ -1282,10 +1285,11 @@ class SettlementEvent(_message.Message):
         route: _builtins.str = ...,
         occurred_at_ms: _builtins.int = ...,
         gateway_id: _builtins.str = ...,
+        quantity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "event_id", b"event_id", "gateway_id", b"gateway_id", "held_amount", b"held_amount", "hold_id", b"hold_id", "kind", b"kind", "meter", b"meter", "occurred_at_ms", b"occurred_at_ms", "project_id", b"project_id", "route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "event_id", b"event_id", "gateway_id", b"gateway_id", "held_amount", b"held_amount", "hold_id", b"hold_id", "kind", b"kind", "meter", b"meter", "occurred_at_ms", b"occurred_at_ms", "project_id", b"project_id", "quantity", b"quantity", "route", b"route"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

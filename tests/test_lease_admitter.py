@@ -1,0 +1,412 @@
+"""Lease-mode admission (admission.lease) on a real Redis: local decisions, syncs, exactness.
+
+Several LeaseAdmitters on one Redis stand for several gateway processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from admission import keys
+from admission.decision import Decision, QuotaKind, Reason, WalletState
+from admission.engine import AdmissionEngine
+from admission.lease import LeaseAdmitter
+from admission.policy import Policy, Route, parse_policy
+from tests.fixtures_admission import (
+    DictFiller,
+    ShardClock,
+    WalletSnapshot,
+    new_project,
+    outbox_events,
+    wallet_of,
+)
+
+POLICY = """
+[settings]
+shards = 4
+unsettled_limit = 1000000
+lease_sync_ms = 20
+lease_ttl_ms = 2000
+lease_idle_ms = 200
+
+[quotas.requests]
+kind = "rate"
+limit = 50
+window_seconds = 60
+
+[quotas.concurrent]
+kind = "concurrency"
+limit = 3
+
+[[routes]]
+name = "work"
+method = "POST"
+path = "/work"
+cost = 2
+quotas = ["requests", "concurrent"]
+
+[[routes]]
+name = "free"
+method = "GET"
+path = "/free"
+quotas = ["requests"]
+
+[[routes]]
+name = "tokens"
+method = "POST"
+path = "/tokens"
+cost = 10
+commit = "overage"
+
+[[routes]]
+name = "shadowed"
+method = "POST"
+path = "/shadow"
+cost = 1000
+shadow = true
+"""
+
+Factory = Callable[[], LeaseAdmitter]
+
+
+@pytest.fixture
+def policy() -> Policy:
+    return parse_policy(POLICY, "lease-policy.toml")
+
+
+@pytest.fixture
+async def filler(rclient: aioredis.Redis) -> DictFiller:
+    return DictFiller(rclient, shards=4)
+
+
+@pytest.fixture
+async def gateways(
+    rclient: aioredis.Redis, policy: Policy, filler: DictFiller
+) -> AsyncIterator[Factory]:
+    """Makes LeaseAdmitters (each one a gateway process); closes the ones still open."""
+    made: list[LeaseAdmitter] = []
+
+    def make() -> LeaseAdmitter:
+        engine = AdmissionEngine(rclient, policy, filler, gateway_id=f"gw{len(made)}")
+        leases = LeaseAdmitter(engine.store, policy, filler, route_problem=engine.route_problem)
+        leases.start()
+        made.append(leases)
+        return leases
+
+    yield make
+    for leases in made:
+        await leases.aclose()
+
+
+def route(policy: Policy, name: str) -> Route:
+    r = policy.route(name)
+    assert r is not None
+    return r
+
+
+def project(filler: DictFiller, **snap: int) -> str:
+    p = new_project()
+    filler.projects[p] = WalletSnapshot(**snap)  # type: ignore[arg-type]
+    return p
+
+
+async def admit(leases: LeaseAdmitter, r: Route, p: str) -> Decision:
+    return leases.try_admit(r, p) or await leases.admit(r, p)
+
+
+async def test_first_request_fills_syncs_then_decides_locally(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    leases = gateways()
+    p = project(filler, snap=1000)
+    work = route(policy, "work")
+    d = await admit(leases, work, p)
+    assert d.admitted and d.hold is not None and d.hold.amount == 2
+    assert d.wallet_state is WalletState.HEALTHY
+    assert [(q.name, q.kind, q.limit) for q in d.quotas] == [
+        ("requests", QuotaKind.RATE, 50),
+        ("concurrent", QuotaKind.CONCURRENCY, 3),
+    ]
+    assert filler.calls == 1
+    # The lease holds credits in Redis: held covers at least the request's hold.
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] >= 2
+    waited = leases.stats.waited
+    leases.end(d.hold, True)
+    d2 = leases.try_admit(work, p)
+    assert d2 is not None and d2.admitted, "the second request is decided without Redis"
+    assert leases.stats.waited == waited
+    assert d2.hold is not None
+    leases.end(d2.hold, True)
+    await leases.aclose()
+    # Closed: nothing held, both commits in the outbox as one aggregated event.
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] == 0 and w["uns"] == 4
+    events = await outbox_events(rclient, p, 4)
+    commits = [e for e in events if e[keys.E_KIND] == "COMMIT"]
+    assert sum(int(e[keys.E_AMOUNT]) for e in commits) == 4
+    assert sum(int(e[keys.E_QUANTITY]) for e in commits) == 2
+    assert {e[keys.E_ROUTE] for e in commits} == {"work"}
+
+
+async def test_rate_limit_is_exact_for_one_gateway(
+    gateways: Factory, policy: Policy, filler: DictFiller
+) -> None:
+    leases = gateways()
+    p = project(filler, snap=10**6)
+    free = route(policy, "free")
+    decisions = [await admit(leases, free, p) for _ in range(60)]
+    admitted = [d for d in decisions if d.admitted]
+    assert len(admitted) == 50
+    assert all(d.admitted for d in decisions[:50])
+    denied = decisions[50]
+    assert denied.reason is Reason.RATE_LIMITED
+    assert denied.retry_after_seconds is not None and 1 <= denied.retry_after_seconds <= 60
+    assert [q.remaining for q in denied.quotas] == [0]
+
+
+async def test_rate_limit_is_exact_across_gateways(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    a, b, c = gateways(), gateways(), gateways()
+    p = project(filler, snap=10**6)
+    free = route(policy, "free")
+
+    async def drive(leases: LeaseAdmitter, n: int) -> int:
+        ok = 0
+        for _ in range(n):
+            batch = await asyncio.gather(*(admit(leases, free, p) for _ in range(5)))
+            ok += sum(d.admitted for d in batch)
+        return ok
+
+    counts = await asyncio.gather(drive(a, 20), drive(b, 20), drive(c, 20))
+    assert sum(counts) <= 50
+    for leases in (a, b, c):
+        await leases.aclose()
+    # After every lease is handed back, the log holds exactly the admitted units.
+    shard = keys.shard_of(p, 4)
+    total = await rclient.get(keys.rate_sum(shard, p, "requests"))
+    assert int(total or 0) == sum(counts)
+    assert sum(counts) >= 40, f"leases fragmented the quota too much: {counts}"
+
+
+async def test_concurrency_pool_and_release(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    leases = gateways()
+    p = project(filler, snap=10**6)
+    work = route(policy, "work")
+    held = [await admit(leases, work, p) for _ in range(3)]
+    assert all(d.admitted for d in held)
+    d = await admit(leases, work, p)
+    assert not d.admitted and d.reason is Reason.CONCURRENCY_LIMITED
+    assert d.retry_after_seconds == 1
+    shard = keys.shard_of(p, 4)
+    assert int(await rclient.get(keys.concurrency(shard, p, "concurrent")) or 0) <= 3
+    first = held[0].hold
+    assert first is not None
+    leases.end(first, False)
+    d = await admit(leases, work, p)
+    assert d.admitted
+    for x in (*held[1:], d):
+        assert x.hold is not None
+        leases.end(x.hold, True)
+    await leases.aclose()
+    assert int(await rclient.get(keys.concurrency(shard, p, "concurrent")) or 0) == 0
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] == 0 and w["uns"] == 2 * 3  # 3 commits of 2; the release charged nothing
+
+
+async def test_credits_never_overadmitted_across_gateways(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    a, b = gateways(), gateways()
+    p = project(filler, snap=101)  # 50 requests of 2 fit, the 51st does not
+    tokens = route(policy, "work")
+
+    async def drive(leases: LeaseAdmitter) -> int:
+        ok = 0
+        for _ in range(40):
+            d = await admit(leases, tokens, p)
+            if d.admitted:
+                assert d.hold is not None
+                leases.end(d.hold, True)
+                ok += 1
+            else:
+                assert d.reason in (Reason.INSUFFICIENT_CREDITS, Reason.RATE_LIMITED)
+        return ok
+
+    counts = await asyncio.gather(drive(a), drive(b))
+    assert sum(counts) <= 50
+    await a.aclose()
+    await b.aclose()
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] == 0
+    assert w["uns"] == 2 * sum(counts) <= 101
+
+
+async def test_overage_commit_and_release(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    leases = gateways()
+    p = project(filler, snap=1000)
+    tokens = route(policy, "tokens")
+    d1 = await admit(leases, tokens, p)
+    d2 = await admit(leases, tokens, p)
+    d3 = await admit(leases, tokens, p)
+    assert d1.hold and d2.hold and d3.hold
+    assert leases.end(d1.hold, True, 25).amount == 25  # overage route: above the hold
+    assert leases.end(d2.hold, True, 3).amount == 3
+    assert leases.end(d3.hold, False).state == "RELEASED"
+    await leases.aclose()
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] == 0 and w["uns"] == 28
+    events = [e for e in await outbox_events(rclient, p, 4) if e[keys.E_KIND] == "COMMIT"]
+    assert sum(int(e[keys.E_AMOUNT]) for e in events) == 28
+    assert sum(int(e[keys.E_HELD]) for e in events) == 20
+    assert sum(int(e[keys.E_QUANTITY]) for e in events) == 2
+
+
+async def test_commit_above_hold_without_overage_is_released(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    leases = gateways()
+    p = project(filler, snap=1000)
+    d = await admit(leases, route(policy, "work"), p)
+    assert d.hold is not None
+    out = leases.end(d.hold, True, 3)
+    assert not out.ok and out.state == "RELEASED"
+    await leases.aclose()
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] == 0 and w["uns"] == 0
+
+
+async def test_wallet_states_and_unknown_project(
+    gateways: Factory, policy: Policy, filler: DictFiller
+) -> None:
+    leases = gateways()
+    work, free = route(policy, "work"), route(policy, "free")
+    grace = project(filler, snap=0, state=int(WalletState.GRACE))
+    d = await admit(leases, work, grace)
+    assert not d.admitted and d.reason is Reason.WALLET_GRACE and d.retry_after_seconds == 30
+    assert (await admit(leases, free, grace)).admitted, "free routes pass in GRACE"
+    expired = project(filler, snap=0, state=int(WalletState.EXPIRED))
+    d = await admit(leases, free, expired)
+    assert not d.admitted and d.reason is Reason.WALLET_EXPIRED
+    d = await admit(leases, work, "nobody-knows-me")
+    assert not d.admitted and d.reason is Reason.UNKNOWN_PROJECT
+    poor = project(filler, snap=1)
+    d = await admit(leases, work, poor)
+    assert not d.admitted and d.reason is Reason.INSUFFICIENT_CREDITS
+    backlog = project(filler, snap=1000, unsl=3)
+    assert (await admit(leases, work, backlog)).admitted
+    d = await admit(leases, work, backlog)
+    assert not d.admitted and d.reason is Reason.SETTLEMENT_BACKLOG
+
+
+async def test_shadow_route_never_denies_and_takes_nothing(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    leases = gateways()
+    p = project(filler, snap=5)
+    d = await admit(leases, route(policy, "shadowed"), p)
+    assert d.admitted and d.shadow and d.would_deny is Reason.INSUFFICIENT_CREDITS
+    assert d.hold is None
+    await leases.aclose()
+    assert (await wallet_of(rclient, p, 4))["held"] == 0
+
+
+async def test_topup_reaches_decisions_after_invalidate(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    leases = gateways()
+    p = project(filler, snap=1)
+    work = route(policy, "work")
+    assert (await admit(leases, work, p)).reason is Reason.INSUFFICIENT_CREDITS
+    shard = keys.shard_of(p, 4)
+    await rclient.hset(keys.wallet(shard, p), keys.W_SNAPSHOT, 100)  # type: ignore[misc]
+    leases.invalidate(p)
+    assert (await admit(leases, work, p)).admitted
+
+
+async def test_dead_gateway_lease_expires_and_returns_credits(
+    gateways: Factory,
+    policy: Policy,
+    filler: DictFiller,
+    rclient: aioredis.Redis,
+) -> None:
+    shard_clock = ShardClock(rclient)
+    dead = gateways()
+    p = project(filler, snap=1000)
+    d = await admit(dead, route(policy, "work"), p)
+    assert d.admitted
+    # The process "dies": its sync task stops, nothing is handed back.
+    dead._stopping = True
+    dead._wake.set()
+    shard = keys.shard_of(p, 4)
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] > 0
+    engine = AdmissionEngine(rclient, policy, filler, gateway_id="sweeper")
+    assert await engine.sweep_expired() == 0, "not due yet"
+    await shard_clock.advance(shard, policy.settings.lease_ttl_ms + 1)
+    assert await engine.sweep_expired() >= 1
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] == 0
+    assert int(await rclient.get(keys.concurrency(shard, p, "concurrent")) or 0) == 0
+    # The leased rate units stay counted (a dead gateway may have used them).
+    assert int(await rclient.get(keys.rate_sum(shard, p, "requests")) or 0) >= 1
+    expired = [e for e in await outbox_events(rclient, p, 4) if e[keys.E_KIND] == "EXPIRE"]
+    assert len(expired) == 1
+
+
+async def test_redis_down_follows_route_policy(policy: Policy) -> None:
+    from admission.redis_client import RedisSettings, build_client
+
+    client = build_client(
+        RedisSettings(url="redis://127.0.0.1:1/0", socket_timeout_s=0.2, connect_timeout_s=0.2)
+    )
+    filler = DictFiller(client, shards=4)
+    engine = AdmissionEngine(client, policy, filler, gateway_id="gw-down")
+    leases = LeaseAdmitter(engine.store, policy, filler, route_problem=engine.route_problem)
+    leases.start()
+    try:
+        d = await admit(leases, route(policy, "work"), "p-down")
+        assert not d.admitted and d.reason is Reason.UNAVAILABLE and d.retry_after_seconds == 1
+    finally:
+        await leases.aclose()
+        await client.aclose()
+
+
+async def test_idle_lease_is_closed(
+    rclient: aioredis.Redis, policy: Policy, filler: DictFiller
+) -> None:
+    """Driven by hand (no sync task) on a manual clock: nothing waits for time to pass."""
+    now = [1000.0]
+    engine = AdmissionEngine(rclient, policy, filler, gateway_id="gw-idle")
+    leases = LeaseAdmitter(
+        engine.store, policy, filler, route_problem=engine.route_problem, clock=lambda: now[0]
+    )
+    p = project(filler, snap=1000)
+    task = asyncio.ensure_future(leases.admit(route(policy, "free"), p))
+    async with asyncio.timeout(10):
+        while not task.done():
+            await leases.sync_round()
+            await asyncio.wait({task}, timeout=0.01)  # the cache fill runs meanwhile
+    assert task.result().admitted
+    shard = keys.shard_of(p, 4)
+    assert await leases.sync_round() == 0, "nothing due yet"
+    now[0] += policy.settings.lease_sync_ms / 1000 + 0.001
+    assert await leases.sync_round() == 1, "a used lease syncs every interval"
+    now[0] += policy.settings.lease_idle_ms / 1000 + 0.001
+    assert await leases.sync_round() == 1 and leases.stats.closed == 1
+    assert not leases.leases
+    assert not await rclient.zcard(keys.hold_expiry(shard))
+    # Only the closed lease's tombstone is left (it answers a re-sent CLOSE).
+    (left,) = [k async for k in rclient.scan_iter(match=keys.lease(shard, "*"))]
+    assert set(await rclient.hkeys(left)) == {b"seq", b"closed", b"last"}
+    assert int(await rclient.get(keys.rate_sum(shard, p, "requests")) or 0) == 1
+    await leases.aclose()
