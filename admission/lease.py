@@ -670,7 +670,12 @@ class LeaseAdmitter:
             i = position.get(op.shard, 0)
             position[op.shard] = i + 1
             lease.retry_op = None
-            self._apply(lease, op, res[i])
+            try:
+                self._apply(lease, op, res[i])
+            except Exception:  # a bug: this lease is dropped, the others still get their answer
+                log.exception("applying the sync of lease %s failed", lease.lease_id)
+                self._forget(lease)
+                self._resolve(lease, _Failure(None, "lease sync could not be applied"))
         return len(picked)
 
     def _op_for(

@@ -5,11 +5,17 @@ an aiohttp client) with a fixed number of connections for a fixed time. Run:
 
     python bench/gateway_bench.py [--seconds 10] [--connections 50] [--servers bare,plugin,...]
 
-Servers: bare (trivial handler), plugin (setup(): one credit hold + one rate quota + one
-concurrency quota per request, flusher running), plugin-no-flusher (the same, settlement left
-to another process: the outbox just grows), plugin-ext-flusher (the same, with a separate
-`creditgate flusher` process settling), redis-peer (one INCR + check per request),
-grpc-peer (one CheckAdmission call to the authority per request).
+Servers: bare (trivial handler), plugin (setup() in lease mode, the default: one credit hold +
+one rate quota + one concurrency quota per request, flusher running), plugin-hold (the same in
+hold mode: one admit and one settle script operation per request, batched per tick),
+plugin-no-flusher (lease mode, settlement left to another process: the outbox just grows),
+plugin-ext-flusher (the same, with a separate `creditgate flusher` process settling),
+redis-peer (one INCR + check per request), grpc-peer (one CheckAdmission call to the authority
+per request).
+
+Then, with wrk, bare and plugin again at half of the plugin's max throughput (connections that
+pause between requests) for the latency the plugin adds (`--no-half-load` skips it), and the
+first-request latency of `--cold N` new projects (identity, cache fill, lease; 0 skips it).
 
 Besides req/s the report gives the CPU time per request (us) of the server, Redis, the
 authority and the external flusher, from /proc, over the measured runs. `--pin` pins the server
