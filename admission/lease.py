@@ -203,6 +203,7 @@ class LocalLease:
         return (
             self.inflight == 0
             and not self.pending
+            and self.retry_op is None
             and all(q.inflight == 0 and q.used == 0 for q in self.quotas.values())
         )
 
@@ -253,6 +254,8 @@ class LeaseAdmitter:
         self._idle_s = s.lease_idle_ms / 1000
         self._clock = clock
         self._leases: dict[str, LocalLease] = {}
+        # Closing leases a newer lease of the same project replaced in _leases.
+        self._retiring: dict[str, LocalLease] = {}
         self._by_id: dict[str, LocalLease] = {}
         self._specs: dict[int, _RouteSpec] = {}
         self._prefix = "L" + secrets.token_hex(8)
@@ -312,6 +315,8 @@ class LeaseAdmitter:
             return self._failed(spec.route, project_id, _Failure(None, "the gateway is stopping"))
         self.stats.waited += 1
         for attempt in range(2):
+            if self._closed:
+                break
             lease = self._lease(project_id)
             for qdef in spec.quotas:
                 if qdef.name not in lease.quotas:
@@ -333,6 +338,9 @@ class LeaseAdmitter:
     def _lease(self, project_id: str) -> LocalLease:
         lease = self._leases.get(project_id)
         if lease is None or lease.closing:
+            if lease is not None:
+                # Its CLOSE is in flight or must be re-sent: keep syncing it until it is done.
+                self._retiring[lease.lease_id] = lease
             if len(self._leases) >= _MAX_LEASES:
                 self._evict_idle()
             from admission import keys
@@ -633,7 +641,7 @@ class LeaseAdmitter:
     async def _round(self, closing: bool, force: bool) -> int:
         now = self._now()
         picked: list[tuple[LocalLease, LeaseOp]] = []
-        for lease in list(self._leases.values()):
+        for lease in [*self._leases.values(), *self._retiring.values()]:
             if lease.sending:
                 continue
             op = self._op_for(lease, now, closing, force)
@@ -685,7 +693,7 @@ class LeaseAdmitter:
             if lease.waiters or closing or force or now - lease.sent_at >= self._sync_s:
                 return lease.retry_op
             return None
-        if lease.cold:
+        if lease.cold and not (closing or force):
             return None
         if lease.closing and lease.seq == 0:
             self._forget(lease)
@@ -705,9 +713,9 @@ class LeaseAdmitter:
             # Requests in flight here: sync what is done, keep their share, close later.
             close = False
             lease.closing = False
-        return self._build(lease, now, close)
+        return self._build(lease, now, close, stopping=closing)
 
-    def _build(self, lease: LocalLease, now: float, close: bool) -> LeaseOp:
+    def _build(self, lease: LocalLease, now: float, close: bool, stopping: bool = False) -> LeaseOp:
         elapsed = max(now - lease.sent_at, self._sync_s)
         horizon = self._sync_s * _HORIZON_INTERVALS
         self._needs(lease)
@@ -721,6 +729,9 @@ class LeaseAdmitter:
         lease.pending = {}
         if close:
             keep = want = want_min = 0
+            lease.closing = True
+            lease.free = 0
+            lease.valid_until = -1.0
         else:
             target = max(
                 lease.need_sum,
@@ -729,8 +740,9 @@ class LeaseAdmitter:
             )
             free_kept = min(max(lease.free, 0), target)
             keep = lease.inflight + free_kept
-            want = max(0, target - free_kept)
-            want_min = max(0, lease.need - free_kept)
+            want = 0 if stopping else max(0, target - free_kept)
+            # All waiting requests, not only the largest: a burst gets what is left at once.
+            want_min = max(0, lease.need_sum - free_kept)
             lease.free = free_kept
         quota_ops = []
         for q in lease.quotas.values():
@@ -742,7 +754,9 @@ class LeaseAdmitter:
                     q.need_sum, q.need * _MIN_BLOCK, math.ceil(q.admitted / elapsed * horizon)
                 )
                 kept = min(max(q.available(), 0), target)
-                want_q, want_min_q = max(0, target - kept), max(0, q.need - kept)
+                want_q, want_min_q = max(0, target - kept), max(0, q.need_sum - kept)
+                if stopping:
+                    want_q = want_min_q = 0
                 if q.kind is _RATE:
                     qop = LeaseQuotaOp(q.qdef, q.used, kept, want_q, want_min_q)
                     q.free = kept
@@ -807,9 +821,11 @@ class LeaseAdmitter:
             if q is None:
                 continue
             if q.kind is not qr.kind:
+                # The script undid the old kind's state: requests in flight hold no slot now.
                 q.kind = qr.kind
                 q.free = 0
                 q.pool = 0
+                q.inflight = 0
             q.limit = qr.limit
             q.window = qr.window_seconds
             q.remaining = qr.remaining
@@ -839,6 +855,12 @@ class LeaseAdmitter:
         self._resolve(lease, None)
 
     async def _fill(self, lease: LocalLease) -> None:
+        try:
+            await self._fill_once(lease)
+        finally:
+            lease.cold = False  # also when cancelled: the lease must still sync its commits
+
+    async def _fill_once(self, lease: LocalLease) -> None:
         failure: _Failure | None = None
         try:
             known = await self._filler.fill(lease.project_id)
@@ -872,6 +894,7 @@ class LeaseAdmitter:
                 fut.set_result(failure)
 
     def _forget(self, lease: LocalLease) -> None:
+        self._retiring.pop(lease.lease_id, None)
         if self._leases.get(lease.project_id) is lease:
             del self._leases[lease.project_id]
         self._by_id.pop(lease.lease_id, None)
@@ -902,10 +925,16 @@ class LeaseAdmitter:
             await asyncio.wait({task})
         for fill in list(self._fills):
             fill.cancel()
-        # In-flight rounds are awaited by the task above; two tries for a transient error.
+        if self._fills:
+            await asyncio.wait(set(self._fills))
+        if self._rounds:  # e.g. a flush() that gave up waiting: its answer decides the leases
+            await asyncio.wait(set(self._rounds))
+        for lease in list(self._leases.values()):
+            self._resolve(lease, _Failure(None, "the gateway is stopping"))
+        # Two tries for a transient error.
         for _ in range(2):
             await self.sync_round(closing=True)
-            if not self._leases:
+            if not self._leases and not self._retiring:
                 break
         for lease in list(self._leases.values()):
             self._resolve(lease, _Failure(None, "the gateway is stopping"))

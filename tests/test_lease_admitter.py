@@ -410,3 +410,39 @@ async def test_idle_lease_is_closed(
     assert set(await rclient.hkeys(left)) == {b"seq", b"closed", b"last"}
     assert int(await rclient.get(keys.rate_sum(shard, p, "requests")) or 0) == 1
     await leases.aclose()
+
+
+async def test_burst_gets_everything_left(
+    gateways: Factory, policy: Policy, filler: DictFiller
+) -> None:
+    """100 requests at once against a limit of 50: exactly 50 pass, as in hold mode (a sync asks
+    for every waiting request's need, not only one)."""
+    leases = gateways()
+    p = project(filler, snap=10**6)
+    free = route(policy, "free")
+    decisions = await asyncio.gather(*(admit(leases, free, p) for _ in range(100)))
+    assert sum(d.admitted for d in decisions) == 50
+    assert {d.reason for d in decisions if not d.admitted} == {Reason.RATE_LIMITED}
+
+
+async def test_override_from_rate_to_concurrency_never_overfills_the_pool(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    """Unused rate units carried into a sync after an override made the quota a concurrency
+    quota are not slots: the pool still fits the concurrency limit."""
+    leases = gateways()
+    p = project(filler, snap=10**6)
+    free = route(policy, "free")
+    burst = await asyncio.gather(*(admit(leases, free, p) for _ in range(30)))
+    assert all(d.admitted for d in burst)
+    assert await leases.sync_round(force=True) == 1  # demand-sized grant: units left over
+    for _ in range(5):  # recent demand: the next sync keeps the free units
+        assert (await admit(leases, free, p)).admitted
+    shard = keys.shard_of(p, 4)
+    await rclient.hset(keys.quota_defs(shard, p), "requests", "concurrency:2:0")  # type: ignore[misc]
+    leases.invalidate(p)
+    # The change reaches this lease at its next sync (at most lease_sync_ms later): now.
+    assert await leases.sync_round(force=True) == 1
+    held = [await admit(leases, free, p) for _ in range(5)]
+    assert sum(d.admitted for d in held) <= 2
+    assert int(await rclient.get(keys.concurrency(shard, p, "requests")) or 0) <= 2

@@ -886,3 +886,10 @@ def test_leases_never_over_admit(redis_url: str, data: st.DataObject) -> None:
     the really admitted rate units never exceed the limit in any window, and the wallet's held
     and the concurrency counter are exactly the leases' amounts and pools."""
     asyncio.run(_exactness_example(redis_url, data))
+
+
+async def test_expire_of_a_close_tombstone_is_unknown(env: Env) -> None:
+    await env.one(env.op("L1", 1, want=10, quotas=(qop(RQ, want=2),)))
+    await env.one(env.op("L1", 2, kind="CLOSE", quotas=(qop(RQ),)))
+    res = await env.one(expire_op(env.shard, "L1"))
+    assert res.status is LeaseStatus.UNKNOWN

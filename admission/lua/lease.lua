@@ -348,11 +348,24 @@ local function sync(close, lkey, wallet, qdefs, a, quotas, events)
         end
       end
       local counter = tonumber(redis.call('GET', q.counter) or '0') - pool_old
+      -- Slots of the previous pool may be kept without a check; anything more the gateway
+      -- keeps (e.g. rate units, after an override changed the kind) must fit like new ones.
+      -- (A renewed lease has no previous pool: the gateway's requests in flight hold their
+      -- slots for real, so its keep is taken as it is, like the keep of credits.)
+      local forced = q.keep
+      if renewed == 0 then
+        forced = math.min(q.keep, pool_old)
+      end
+      local extra = q.keep - forced
+      local need = 0
+      if q.want_min > 0 then
+        need = extra + q.want_min
+      end
       local new = 0
       if may_grant then
-        new = grant_of(q.want, q.want_min, q.limit - counter - q.keep)
+        new = grant_of(q.want + extra, need, q.limit - counter - forced)
       end
-      local pool = q.keep + new
+      local pool = forced + new
       if pool ~= pool_old then
         redis.call('INCRBY', q.counter, fmt(pool - pool_old))
       end
@@ -361,7 +374,7 @@ local function sync(close, lkey, wallet, qdefs, a, quotas, events)
         counters[#counters + 1] = q.counter
       end
       local retry = 0
-      if new < q.want_min then
+      if new < need then
         retry = 1
       end
       q.kind_n, q.win, q.granted, q.reset, q.retry = 1, 0, pool, 0, retry
@@ -429,7 +442,8 @@ end
 
 local function expire(lkey, lid, declared)
   local L = hash_of(lkey)
-  if not L.seq then
+  if not L.seq or L.closed or not L.p then
+    -- Missing, or a CLOSE tombstone (closed after the sweeper read its id).
     return reply(UNKNOWN, 0, 0, 0, 0, 0, 0, 0, '', '', {})
   end
   if num(L.exp, 0) > now then
