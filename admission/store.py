@@ -235,7 +235,9 @@ class StoreStats:
 
 
 def _lua(name: str) -> str:
-    return importlib.resources.files("admission").joinpath("lua", name).read_text("utf-8")
+    """A shard script with lua/lib.lua (clock, number and sliding-log helpers) in front."""
+    lua = importlib.resources.files("admission").joinpath("lua")
+    return lua.joinpath("lib.lua").read_text("utf-8") + "\n" + lua.joinpath(name).read_text("utf-8")
 
 
 def _bulk(text: str) -> bytes:

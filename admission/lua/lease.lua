@@ -43,102 +43,12 @@ local GRACE, EXPIRED = 3, 4
 local OK, COLD, UNKNOWN, NOT_DUE, WRONG_KEYS, STALE = 0, 1, 2, 3, 4, 5
 local R_CREDITS, R_GRACE, R_EXPIRED, R_BACKLOG = 3, 4, 5, 6
 
-local function fmt(n)
-  return string.format('%d', n)
-end
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- The test clock (KEYS[2]): "=MS" freezes time at MS, a plain number shifts Redis time.
-local clock = redis.call('GET', KEYS[2])
-if clock then
-  if string.sub(clock, 1, 1) == '=' then
-    now = tonumber(string.sub(clock, 2))
-  else
-    now = now + tonumber(clock)
-  end
-end
-
-local function num(v, default)
-  local n = v and tonumber(v)
-  if not n then
-    return default
-  end
-  return n
-end
-
 local function words(s)
   local out = {}
   for tok in string.gmatch(s or '', '%S+') do
     out[#out + 1] = tok
   end
   return out
-end
-
-local function weight_of(member)
-  return tonumber(string.match(member, ':(%d+)$'))
-end
-
-local function oldest_of(log)
-  local o = redis.call('ZRANGE', log, 0, 0, 'WITHSCORES')
-  if #o == 0 then
-    return nil
-  end
-  return tonumber(o[2])
-end
-
--- As admit.lua: the weight sum inside the window after dropping entries that left it.
-local function load_log(log, sum_key, win_ms)
-  local oldest = oldest_of(log)
-  if not oldest then
-    return 0
-  end
-  local sum = tonumber(redis.call('GET', sum_key) or '0')
-  local cutoff = now - win_ms
-  if oldest > cutoff then
-    return sum
-  end
-  local gone = 0
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)) do
-    gone = gone + weight_of(m)
-  end
-  redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
-  if not oldest_of(log) then
-    redis.call('DEL', sum_key)
-    return 0
-  end
-  sum = sum - gone
-  redis.call('SET', sum_key, fmt(sum), 'KEEPTTL')
-  return sum
-end
-
--- As admit.lua: ms until enough of the oldest entries (future-stamped ones included) leave
--- the window for `w` more to fit under `limit`.
-local function wait_for(log, sum, w, limit, win_ms)
-  if w > limit then
-    return win_ms
-  end
-  local entries = redis.call('ZRANGE', log, 0, -1, 'WITHSCORES')
-  local left = sum
-  for i = 1, #entries, 2 do
-    left = left - weight_of(entries[i])
-    if left + w <= limit then
-      return tonumber(entries[i + 1]) + win_ms - now
-    end
-  end
-  return win_ms
-end
-
-local function ceil_s(ms)
-  return math.ceil(ms / 1000)
-end
-
--- Never shortens a TTL: another lease's grant may be stamped further in the future.
-local function extend_ttl(key, ms)
-  local pt = redis.call('PTTL', key)
-  if pt == -1 or (pt >= 0 and pt < ms) then
-    redis.call('PEXPIRE', key, ms)
-  end
 end
 
 -- The grant rule: what is wanted, at most half of what is available (but at least want_min),

@@ -15,22 +15,6 @@
 -- script names them instead of reading undeclared keys. A hold's project and counters never
 -- change, so the second call cannot be told a different answer.
 
-local function fmt(n)
-  return string.format('%d', n)
-end
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
--- The test clock (KEYS[2]): "=MS" freezes time at MS, a plain number shifts Redis time.
-local clock = redis.call('GET', KEYS[2])
-if clock then
-  if string.sub(clock, 1, 1) == '=' then
-    now = tonumber(string.sub(clock, 2))
-  else
-    now = now + tonumber(clock)
-  end
-end
-
 local prefix, gateway = ARGV[1], ARGV[2]
 local nops = tonumber(ARGV[3])
 local results = {}
