@@ -135,11 +135,9 @@ class LocalLease:
 
     __slots__ = (
         "admitted",
-        "amount",
         "closing",
         "cold",
         "credit_short",
-        "credit_short_at",
         "dirty",
         "filled",
         "free",
@@ -170,7 +168,6 @@ class LocalLease:
         self.shard = shard
         self.lease_id = lease_id
         self.seq = 0
-        self.amount = 0  # credits the lease holds in Redis (as of the last reply)
         self.free = 0  # credits free for new holds
         self.inflight = 0  # credits of local holds not ended
         self.admitted = 0  # credits held since the last send (demand estimate)
@@ -183,7 +180,6 @@ class LocalLease:
         self.low = False
         self.grace_until_ms = 0
         self.credit_short: Reason | None = None
-        self.credit_short_at = -1.0
         self.synced = False  # a sync answered: the fields above are Redis's
         self.dirty = False  # admitted or ended something since the last send
         self.cold = False
@@ -805,7 +801,6 @@ class LeaseAdmitter:
             # A request that registered meanwhile went to a new lease; nothing waits here.
             self._resolve(lease, None)
             return
-        lease.amount = res.amount
         lease.free += res.amount - op.keep
         lease.state = res.wallet_state
         lease.low = res.low
