@@ -71,21 +71,146 @@ class Hold:
     counters: tuple[str, ...] = ()
 
 
-@dataclass(slots=True)
+# What a lease-mode admission renders for its headers (see Decision.rendered): the quotas'
+# definitions (name, kind, limit, window_seconds) and, per quota, its remaining count and,
+# for rate quotas only, its reset seconds, in order.
+QuotaDefs = tuple[tuple[str, QuotaKind, int, int], ...]
+
+
+class Rendered:
+    """An admission's RateLimit-Policy and RateLimit field values, rendered when decided.
+
+    The lease path renders both strings from per-lease templates instead of building a
+    QuotaStatus per quota per request; `quotas()` builds those from the same figures when
+    someone asks (Decision.quotas).
+    """
+
+    __slots__ = ("defs", "figures", "policy", "ratelimit")
+
+    def __init__(self, policy: str, ratelimit: str, defs: QuotaDefs, figures: tuple[int, ...]):
+        self.policy = policy
+        self.ratelimit = ratelimit
+        self.defs = defs
+        self.figures = figures
+
+    def quotas(self) -> tuple[QuotaStatus, ...]:
+        return quota_statuses(self.defs, self.figures)
+
+
+def quota_statuses(defs: QuotaDefs, figures: tuple[int, ...]) -> tuple[QuotaStatus, ...]:
+    """QuotaStatus values from definitions and figures laid out as in `Rendered`."""
+    out = []
+    it = iter(figures)
+    for name, kind, limit, window in defs:
+        remaining = next(it)
+        reset = next(it) if kind is QuotaKind.RATE else 0
+        out.append(QuotaStatus(name, kind, limit, window, remaining, reset))
+    return tuple(out)
+
+
 class Decision:
-    admitted: bool
-    reason: Reason
-    project_id: str | None = None
-    hold: Hold | None = None  # None for denials and for routes with no credits and no concurrency
-    quotas: tuple[QuotaStatus, ...] = ()
-    retry_after_seconds: int | None = None  # set on every denial that can succeed later
-    wallet_state: WalletState = WalletState.UNSPECIFIED
-    low_balance: bool = False  # admitted, but the wallet is LOW: warn the caller
-    grace_until_ms: int = 0
-    shadow: bool = False  # shadow route: admitted whatever the rules said
-    would_deny: Reason | None = None  # shadow route: the denial that was not enforced
-    detail: str = ""
-    degraded: bool = False  # decided without Redis (failure policy allow)
+    """The outcome of one admission. Treat as immutable.
+
+    A hand-written slotted class rather than a dataclass, for one reason: `quotas` of a
+    lease-mode admission is built only when read (from `rendered`), since the headers need
+    only the rendered strings and most requests never look at it.
+    """
+
+    __slots__ = (
+        "_quotas",
+        "admitted",
+        "degraded",
+        "detail",
+        "grace_until_ms",
+        "hold",
+        "low_balance",
+        "project_id",
+        "reason",
+        "rendered",
+        "retry_after_seconds",
+        "shadow",
+        "wallet_state",
+        "would_deny",
+    )
+
+    def __init__(  # noqa: PLR0917 - the dataclass signature it replaces; hot callers pass all
+        self,
+        admitted: bool,
+        reason: Reason,
+        project_id: str | None = None,
+        hold: Hold | None = None,
+        quotas: tuple[QuotaStatus, ...] | None = (),
+        retry_after_seconds: int | None = None,
+        wallet_state: WalletState = WalletState.UNSPECIFIED,
+        low_balance: bool = False,
+        grace_until_ms: int = 0,
+        shadow: bool = False,
+        would_deny: Reason | None = None,
+        detail: str = "",
+        degraded: bool = False,
+        rendered: Rendered | None = None,
+    ) -> None:
+        self.admitted = admitted
+        self.reason = reason
+        self.project_id = project_id
+        # None for denials and for routes with no credits and no concurrency.
+        self.hold = hold
+        self._quotas = quotas  # None: build from `rendered` when read
+        self.retry_after_seconds = retry_after_seconds  # every denial that can succeed later
+        self.wallet_state = wallet_state
+        self.low_balance = low_balance  # admitted, but the wallet is LOW: warn the caller
+        self.grace_until_ms = grace_until_ms
+        self.shadow = shadow  # shadow route: admitted whatever the rules said
+        self.would_deny = would_deny  # shadow route: the denial that was not enforced
+        self.detail = detail
+        self.degraded = degraded  # decided without Redis (failure policy allow)
+        self.rendered = rendered  # header values rendered at decision time, if any
+
+    @property
+    def quotas(self) -> tuple[QuotaStatus, ...]:
+        """The quotas that applied, with what remained after this decision."""
+        quotas = self._quotas
+        if quotas is None:
+            quotas = self._quotas = self.rendered.quotas() if self.rendered is not None else ()
+        return quotas
+
+    def replace(self, **changes: object) -> Decision:
+        """A copy with some fields changed (dataclasses.replace for this class)."""
+        fields = {name: getattr(self, name) for name in _DECISION_FIELDS}
+        fields.update(changes)
+        return Decision(**fields)
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in _DECISION_FIELDS if name != "rendered")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in _DECISION_FIELDS)
+        return f"Decision({inner})"
+
+
+_DECISION_FIELDS = (
+    "admitted",
+    "reason",
+    "project_id",
+    "hold",
+    "quotas",
+    "retry_after_seconds",
+    "wallet_state",
+    "low_balance",
+    "grace_until_ms",
+    "shadow",
+    "would_deny",
+    "detail",
+    "degraded",
+    "rendered",
+)
 
 
 @dataclass(slots=True)

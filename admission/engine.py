@@ -10,7 +10,7 @@ import functools
 import itertools
 import re
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -241,7 +241,7 @@ class AdmissionEngine:
             )
         retry = self.policy.settings.unavailable_retry_after_seconds
         decision = _deny(req, project_id, Reason.UNAVAILABLE, retry, f"redis unavailable: {exc}")
-        return replace(decision, degraded=decision.admitted)
+        return decision.replace(degraded=decision.admitted)
 
     def _decision(self, req: AdmitRequest, op: AdmitOp, res: AdmitResult) -> Decision:
         s = self.policy.settings

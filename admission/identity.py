@@ -122,6 +122,9 @@ class IdentityResolver:
         self._metrics = authority_metrics(registry)
         resolutions = self._metrics.key_resolutions
         self._local_valid = resolutions.labels(source="local", result="valid")
+        # identify_cached's hits, as a plain count: fold_metrics() adds them to the counter
+        # (the gateway folds with its own per-request counts, see gateway_plugin.metrics).
+        self.cached_hits = 0
         self._local_invalid = resolutions.labels(source="local", result="invalid")
         self._format_invalid = resolutions.labels(source="format", result="invalid")
         # secret -> its sha256 hex: a pure function, so caching it changes no answer.
@@ -177,8 +180,15 @@ class IdentityResolver:
         )
         if self._clock() - cached[1] >= ttl:
             return None
-        self._local_valid.inc()
+        self.cached_hits += 1
         return ident
+
+    def fold_metrics(self) -> None:
+        """Adds identify_cached's hits to creditgate_key_resolutions_total{source="local"}."""
+        hits = self.cached_hits
+        if hits:
+            self.cached_hits = 0
+            self._local_valid.inc(hits)
 
     async def identify(self, headers: Mapping[str, str], peer_ip: str | None) -> Identity | Reason:
         """The caller's project, or the denial reason (MISSING/INVALID_CREDENTIAL, ...)."""

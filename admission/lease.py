@@ -42,11 +42,14 @@ from prometheus_client import CollectorRegistry
 from admission.decision import (
     Decision,
     Hold,
+    QuotaDefs,
     QuotaKind,
     QuotaStatus,
     Reason,
+    Rendered,
     SettleOutcome,
     WalletState,
+    quota_statuses,
 )
 from admission.errors import AuthorityUnavailable
 from admission.metrics import authority_metrics
@@ -160,6 +163,7 @@ class LocalLease:
         "synced",
         "used_at",
         "valid_until",
+        "views",
         "waiters",
     )
 
@@ -176,6 +180,8 @@ class LocalLease:
         # (route, meter) -> [amount, held, count]: commits not yet sent to Redis.
         self.pending: dict[tuple[str, str], list[int]] = {}
         self.quotas: dict[str, _Quota] = {}
+        # id(route spec) -> its quotas here, resolved and rendered; cleared by every reply.
+        self.views: dict[int, _View] = {}
         self.state = WalletState.UNSPECIFIED
         self.low = False
         self.grace_until_ms = 0
@@ -224,6 +230,34 @@ class _RouteSpec:
     quotas: tuple[QuotaDef, ...]
 
 
+class _View:
+    """A route's quotas inside one lease, resolved once per sync reply: the fast path
+    touches the _Quota objects directly and renders its headers from a template."""
+
+    __slots__ = ("conc", "conc_names", "defs", "fmt", "policy", "quotas", "rate", "spec")
+
+    def __init__(
+        self, spec: _RouteSpec, quotas: tuple[_Quota, ...], templates: tuple[str, str] | None
+    ) -> None:
+        self.spec = spec
+        self.quotas = quotas
+        self.rate = tuple(q for q in quotas if q.kind is _RATE)
+        self.conc = tuple(q for q in quotas if q.kind is not _RATE)
+        self.conc_names = tuple(q.qdef.name for q in self.conc)
+        self.defs: QuotaDefs = tuple(
+            (q.qdef.name, q.kind, q.limit, q.window if q.kind is _RATE else 0) for q in quotas
+        )
+        self.policy: str | None = None
+        self.fmt: str | None = None
+        if templates is not None:
+            self.policy, self.fmt = templates
+
+
+# Renders (RateLimit-Policy value, RateLimit %-template) for quota definitions; the gateway
+# passes gateway_plugin.headers.ratelimit_templates.
+Templates = Callable[[QuotaDefs], tuple[str, str]]
+
+
 class LeaseAdmitter:
     """Admission from per-project leases; one per process (see the module docstring)."""
 
@@ -236,8 +270,11 @@ class LeaseAdmitter:
         route_problem: Callable[[Route], str | None],
         clock: Callable[[], float] = time.monotonic,
         registry: CollectorRegistry | None = None,
+        templates: Templates | None = None,
     ) -> None:
         self.policy = policy
+        # Without templates, decisions carry QuotaStatus values and no rendered headers.
+        self._templates = templates
         self._store = store
         self._filler = filler
         self._route_problem = route_problem
@@ -291,10 +328,44 @@ class LeaseAdmitter:
         now = self._now()
         if now >= lease.valid_until:
             return None
+        view = lease.views.get(id(spec))
+        if view is None or view.spec is not spec:
+            view = self._view(lease, spec)
+            if view is None:
+                return None
+        # The common case, decided with the fewest steps: everything the request needs is
+        # here. Anything else (a denial, an exhausted part) goes through _check.
+        cost = spec.route.cost
+        state = lease.state
+        if cost <= lease.free and state is not _EXPIRED and (cost == 0 or state is not _GRACE):
+            weight = spec.route.weight
+            for q in view.rate:
+                if q.free < weight:
+                    break
+            else:
+                for q in view.conc:
+                    if q.pool - q.inflight < 1:
+                        break
+                else:
+                    self.stats.fast += 1
+                    return self._take(lease, view, now)
         decision = self._check(lease, spec, now, final=False)
         if decision is not None:
             self.stats.fast += 1
         return decision
+
+    def _view(self, lease: LocalLease, spec: _RouteSpec) -> _View | None:
+        quotas = []
+        for qdef in spec.quotas:
+            q = lease.quotas.get(qdef.name)
+            if q is None:  # a quota no sync has seen yet
+                return None
+            quotas.append(q)
+        view = _View(spec, tuple(quotas), None)
+        if self._templates is not None:
+            view.policy, view.fmt = self._templates(view.defs)
+        lease.views[id(spec)] = view
+        return view
 
     async def admit(self, route: Route, project_id: str) -> Decision:
         """Decide one request, waiting for a sync when the lease does not cover it."""
@@ -317,6 +388,7 @@ class LeaseAdmitter:
             for qdef in spec.quotas:
                 if qdef.name not in lease.quotas:
                     lease.quotas[qdef.name] = _Quota(qdef)
+                    lease.views.clear()
             fut: asyncio.Future[_Failure | None] = asyncio.get_running_loop().create_future()
             lease.waiters.append((fut, spec))
             self._wake.set()
@@ -400,12 +472,13 @@ class LeaseAdmitter:
                 if reason is Reason.SETTLEMENT_BACKLOG
                 else s.credit_retry_after_seconds
             )
-        weight = route.weight
-        quotas = lease.quotas
-        for qdef in spec.quotas:
-            q = quotas.get(qdef.name)
-            if q is None:  # a quota no sync has seen yet
+        view = lease.views.get(id(spec))
+        if view is None or view.spec is not spec:
+            view = self._view(lease, spec)
+            if view is None:
                 return None
+        weight = route.weight
+        for q in view.quotas:
             if q.kind is _RATE:
                 if q.free >= weight:
                     continue
@@ -426,20 +499,22 @@ class LeaseAdmitter:
                     retry = max(retry or 1, 1)
         if reason is not None:
             return self._deny(lease, spec, reason, retry)
-        # Take what the request needs.
-        conc: list[str] = []
-        for qdef in spec.quotas:
-            q = quotas[qdef.name]
-            if q.kind is _RATE:
-                q.free -= weight
-                q.used += weight
-                q.admitted += weight
-            else:
-                q.inflight += 1
-                q.admitted += 1
-                conc.append(qdef.name)
+        return self._take(lease, view, now)
+
+    def _take(self, lease: LocalLease, view: _View, now: float) -> Decision:
+        """Admit: take what the request needs from the lease (it was checked to be there)."""
+        route = view.spec.route
+        weight = route.weight
+        for q in view.rate:
+            q.free -= weight
+            q.used += weight
+            q.admitted += weight
+        for q in view.conc:
+            q.inflight += 1
+            q.admitted += 1
+        cost = route.cost
         hold = None
-        if cost > 0 or conc:
+        if cost > 0 or view.conc:
             lease.free -= cost
             lease.inflight += cost
             lease.admitted += cost
@@ -451,20 +526,46 @@ class LeaseAdmitter:
                 route.name,
                 route.meter,
                 route.allow_overage,
-                tuple(conc),
+                view.conc_names,
             )
         lease.used_at = now
         lease.dirty = True
+        # What remains after this admission, laid out as admission.decision.Rendered wants.
+        figures: list[int] = []
+        for q in view.quotas:
+            if q.kind is _RATE:
+                left = q.remaining + q.free
+                figures.append(left if left > 0 else 0)
+                figures.append(q.reset_s if q.reset_s > 0 else 0)
+            else:
+                left = q.remaining + q.pool - q.inflight
+                figures.append(left if left > 0 else 0)
+        fig = tuple(figures)
+        fmt = view.fmt
+        rendered: Rendered | None = None
+        quotas: tuple[QuotaStatus, ...] | None = ()
+        if not fig:
+            pass
+        elif fmt is not None and view.policy is not None:
+            rendered = Rendered(view.policy, fmt % fig, view.defs, fig)
+            quotas = None  # built from `rendered` if someone reads Decision.quotas
+        else:
+            quotas = quota_statuses(view.defs, fig)
         return Decision(
             True,
             Reason.ADMITTED,
             lease.project_id,
-            hold=hold,
-            quotas=self._statuses(lease, spec),
-            wallet_state=state,
-            low_balance=lease.low,
-            grace_until_ms=lease.grace_until_ms,
-            shadow=route.shadow,
+            hold,
+            quotas,
+            None,
+            lease.state,
+            lease.low,
+            lease.grace_until_ms,
+            route.shadow,
+            None,
+            "",
+            False,
+            rendered,
         )
 
     def _statuses(self, lease: LocalLease, spec: _RouteSpec) -> tuple[QuotaStatus, ...]:
@@ -801,6 +902,7 @@ class LeaseAdmitter:
             # A request that registered meanwhile went to a new lease; nothing waits here.
             self._resolve(lease, None)
             return
+        lease.views.clear()  # limits, windows or kinds may have changed
         lease.free += res.amount - op.keep
         lease.state = res.wallet_state
         lease.low = res.low

@@ -18,7 +18,7 @@ from collections.abc import Iterable, MutableMapping
 
 from multidict import istr
 
-from admission.decision import Decision, QuotaKind, QuotaStatus
+from admission.decision import Decision, QuotaDefs, QuotaKind, QuotaStatus
 
 RATELIMIT_POLICY = istr("RateLimit-Policy")
 RATELIMIT = istr("RateLimit")
@@ -71,19 +71,37 @@ def _quoted(name: str) -> str:
 
 
 def policy_item(quota: QuotaStatus) -> str:
+    return _policy_item(quota.name, quota.kind, quota.limit, quota.window_seconds)
+
+
+def _policy_item(name: str, kind: QuotaKind, limit: int, window_seconds: int) -> str:
     # A quota's policy item changes only with its definition: render each definition once.
-    key = (quota.name, quota.kind, quota.limit, quota.window_seconds)
+    key = (name, kind, limit, window_seconds)
     item = _policy_items.get(key)
     if item is None:
-        if quota.kind is QuotaKind.CONCURRENCY:
-            item = f"{_quoted(quota.name)};{P_QUOTA}={quota.limit};{P_UNIT}={UNIT_CONCURRENT}"
+        if kind is QuotaKind.CONCURRENCY:
+            item = f"{_quoted(name)};{P_QUOTA}={limit};{P_UNIT}={UNIT_CONCURRENT}"
         else:
-            item = (
-                f"{_quoted(quota.name)};{P_QUOTA}={quota.limit};{P_WINDOW}={quota.window_seconds}"
-            )
+            item = f"{_quoted(name)};{P_QUOTA}={limit};{P_WINDOW}={window_seconds}"
         if len(_policy_items) < _MAX_CACHED_NAMES:
             _policy_items[key] = item
     return item
+
+
+def ratelimit_templates(defs: QuotaDefs) -> tuple[str, str]:
+    """The RateLimit-Policy value for quotas defined as `defs`, and a %-template of their
+    RateLimit value taking, per quota, its remaining count and (rate quotas) its reset
+    seconds, both >= 0: the figures of admission.decision.Rendered. The lease path renders
+    each admission's headers with these instead of building QuotaStatus values."""
+    policy = ", ".join([_policy_item(*d) for d in defs])
+    items = []
+    for name, kind, _, _ in defs:
+        quoted = _quoted(name).replace("%", "%%")
+        if kind is QuotaKind.CONCURRENCY:
+            items.append(f"{quoted};{P_REMAINING}=%d")
+        else:
+            items.append(f"{quoted};{P_REMAINING}=%d;{P_RESET}=%d")
+    return policy, ", ".join(items)
 
 
 def ratelimit_item(quota: QuotaStatus) -> str:
@@ -124,10 +142,15 @@ def shadow_value(would_deny: str) -> str:
 
 def apply_admitted(headers: MutableMapping[str, str], decision: Decision) -> None:
     """Headers of a response to an admitted request (the handler's own response)."""
-    quotas = decision.quotas
-    if quotas:
-        headers[RATELIMIT_POLICY] = ratelimit_policy_value(quotas)
-        headers[RATELIMIT] = ratelimit_value(quotas)
+    rendered = decision.rendered
+    if rendered is not None:  # lease mode: rendered at decision time (same serialization)
+        headers[RATELIMIT_POLICY] = rendered.policy
+        headers[RATELIMIT] = rendered.ratelimit
+    else:
+        quotas = decision.quotas
+        if quotas:
+            headers[RATELIMIT_POLICY] = ratelimit_policy_value(quotas)
+            headers[RATELIMIT] = ratelimit_value(quotas)
     if decision.low_balance:
         headers[WARNING] = LOW_BALANCE_WARNING
     if decision.would_deny is not None:

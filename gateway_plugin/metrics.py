@@ -2,10 +2,19 @@
 
 Per-project series exist only for an allow-list plus the top-N projects by decisions (a
 space-saving sketch), so cardinality stays bounded whatever the traffic.
+
+The per-request figures (decisions, admission latency, commits and releases) are counted as
+plain integers in `HotCounts` and folded into the Prometheus metrics: prometheus-client takes a
+lock for every inc() and observe(), and four of them per request cost more than the admission
+decision itself. See `HotCounts` for when a fold happens.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import contextlib
+import logging
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -17,6 +26,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from admission.decision import Reason
+
+log = logging.getLogger("gateway_plugin")
 
 # 50 us .. 50 ms: admission is expected well under 1 ms; the default buckets start at 5 ms.
 ADMISSION_BUCKETS = (
@@ -101,6 +112,52 @@ class ProjectDecisions(Collector):
         return iter(())
 
 
+class HotCounts:
+    """Per-request counts as plain integers, owned by the event loop's thread.
+
+    The middleware adds to these; `GatewayMetrics.fold()` moves them into the Prometheus
+    metrics and zeroes them. A fold runs every second (a task of the plugin's lifecycle), at
+    shutdown, and at the start of every collect that runs on the loop's thread (a collector
+    registered ahead of the metrics it feeds), so /metrics, the dashboard and registry reads
+    in tests see every request counted so far. A collect on another thread (an exporter
+    thread) does not fold; it sees the last fold, at most one second old. Workers of
+    `serve --workers N` fold into their multiprocess files the same way.
+    """
+
+    __slots__ = ("admitted", "commits", "credits", "denied", "latency", "latency_sum", "releases")
+
+    def __init__(self, buckets: int) -> None:
+        self.admitted: collections.Counter[Reason] = collections.Counter()
+        self.denied: collections.Counter[Reason] = collections.Counter()
+        # Admission latency: count per bucket of ADMISSION_BUCKETS (index len() is +Inf).
+        self.latency = [0] * (buckets + 1)
+        self.latency_sum = 0.0
+        self.commits = 0  # commits that succeeded
+        self.releases = 0  # releases that succeeded
+        self.credits: collections.Counter[str] = collections.Counter()  # committed, per meter
+
+    def observe(self, seconds: float) -> None:
+        """One admission latency (the middleware inlines this)."""
+        self.latency[bisect.bisect_left(ADMISSION_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+
+class _FoldFirst(Collector):
+    """Registered before the plugin's metrics: a collect on the loop's thread folds first."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = weakref.ref(metrics)
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self._metrics()
+        if metrics is not None and threading.get_ident() == metrics.loop_thread:
+            metrics.fold()
+        return iter(())
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
 class GatewayMetrics:
     """The plugin's metrics in one registry. Use `for_registry` so that several apps in one
     process (sub-apps, tests) share one set instead of colliding on registration."""
@@ -112,6 +169,10 @@ class GatewayMetrics:
         top_projects: int = 0,
     ) -> None:
         self.registry = registry
+        self.hot = HotCounts(len(ADMISSION_BUCKETS))
+        # The thread whose collects fold (bind() sets the event loop's thread at startup).
+        self.loop_thread = threading.get_ident()
+        registry.register(_FoldFirst(self))
         self.admission_duration = Histogram(
             "creditgate_admission_duration_seconds",
             "Time from request arrival to the admission decision (identity + engine)",
@@ -163,6 +224,77 @@ class GatewayMetrics:
         self.release_ok = self.settlements.labels("release", "ok")
         self.release_failed = self.settlements.labels("release", "failed")
         self._credits_children: dict[str, Counter] = {}
+        self._folds: list[Callable[[], None]] = []
+        # Folding latency counts needs the histogram's per-bucket values (prometheus-client
+        # internals, present since 0.4); without them, each count is replayed as observe() of
+        # its bucket's bound (the sum is then approximate, and a warning says so).
+        buckets = getattr(self.admission_duration, "_buckets", None)
+        self._bucket_values = (
+            list(buckets)
+            if isinstance(buckets, list)
+            and len(buckets) == len(ADMISSION_BUCKETS) + 1
+            and all(callable(getattr(b, "inc", None)) for b in buckets)
+            and callable(getattr(getattr(self.admission_duration, "_sum", None), "inc", None))
+            else None
+        )
+        if self._bucket_values is None:
+            log.warning(
+                "prometheus-client without Histogram._buckets: admission latency sums are "
+                "approximate (bucket bounds)"
+            )
+
+    def add_fold(self, fold: Callable[[], None]) -> None:
+        """Another part's plain counts, folded with these (on the loop's thread)."""
+        self._folds.append(fold)
+
+    def remove_fold(self, fold: Callable[[], None]) -> None:
+        """Folds that part's counts a last time and forgets it."""
+        with contextlib.suppress(ValueError):
+            self._folds.remove(fold)
+            fold()
+
+    def bind(self) -> None:
+        """Collects on the calling thread (the event loop's) fold the hot counts first."""
+        self.loop_thread = threading.get_ident()
+
+    def fold(self) -> None:
+        """Moves the hot counts into the Prometheus metrics (call on the loop's thread)."""
+        for fold in self._folds:
+            fold()
+        hot = self.hot
+        for counts, admitted in ((hot.admitted, True), (hot.denied, False)):
+            if counts:
+                for reason, n in counts.items():
+                    if n:
+                        self.decision(admitted, reason).inc(n)
+                counts.clear()
+        latency = hot.latency
+        if any(latency):
+            values = self._bucket_values
+            if values is not None:
+                for i, n in enumerate(latency):
+                    if n:
+                        values[i].inc(n)
+                self.admission_duration._sum.inc(hot.latency_sum)
+            else:
+                bounds = (*ADMISSION_BUCKETS, ADMISSION_BUCKETS[-1] * 2)
+                for i, n in enumerate(latency):
+                    for _ in range(n):
+                        self.admission_duration.observe(bounds[i])
+            for i in range(len(latency)):
+                latency[i] = 0
+            hot.latency_sum = 0.0
+        if hot.commits:
+            self.commit_ok.inc(hot.commits)
+            hot.commits = 0
+        if hot.releases:
+            self.release_ok.inc(hot.releases)
+            hot.releases = 0
+        if hot.credits:
+            for meter, amount in hot.credits.items():
+                if amount:
+                    self.credits(meter).inc(amount)
+            hot.credits.clear()
 
     def decision(self, admitted: bool, reason: Reason) -> Counter:
         key = (admitted, reason)

@@ -24,6 +24,7 @@ their first byte.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import logging
 import time
@@ -35,6 +36,7 @@ from aiohttp.typedefs import Handler, Middleware
 from admission.decision import Decision, Hold, Reason, SettleOutcome
 from gateway_plugin import headers as hdr
 from gateway_plugin.handle import USAGE_KEY, UsageHandle
+from gateway_plugin.metrics import ADMISSION_BUCKETS
 from gateway_plugin.problems import problem_response
 
 if TYPE_CHECKING:
@@ -66,7 +68,12 @@ def make_middleware(state: GatewayState) -> Middleware:
     unmatched_pass = policy.settings.unmatched == "pass"
     exempt = state.exempt_handlers
     metrics = state.metrics
-    observe = metrics.admission_duration.observe
+    hot = metrics.hot  # plain counts, folded into Prometheus (gateway_plugin.metrics)
+    latency = hot.latency
+    admitted_counts = hot.admitted
+    denied_counts = hot.denied
+    bisect_left = bisect.bisect_left
+    bounds = ADMISSION_BUCKETS
     perf = time.perf_counter
 
     @web.middleware
@@ -110,13 +117,16 @@ def make_middleware(state: GatewayState) -> Middleware:
                 )
             else:
                 decision = await engine.admit_route(route, who.project_id)
-        observe(perf() - started)
-        metrics.decision(decision.admitted, decision.reason).inc()
+        elapsed = perf() - started
+        latency[bisect_left(bounds, elapsed)] += 1
+        hot.latency_sum += elapsed
         project_decisions = metrics.project_decisions
         if project_decisions.enabled and decision.project_id is not None:
             project_decisions.record(decision.project_id, decision.admitted)
         if not decision.admitted:
+            denied_counts[decision.reason] += 1
             return _deny(state, decision, path)
+        admitted_counts[decision.reason] += 1
         if decision.would_deny is not None:
             metrics.shadow_would_deny.labels(decision.would_deny.value).inc()
         if decision.degraded:
@@ -242,12 +252,13 @@ async def _settle(state: GatewayState, hold: Hold, commit: bool, amount: int) ->
 def _record(state: GatewayState, hold: Hold, commit: bool, outcome: SettleOutcome) -> None:
     metrics = state.metrics
     if outcome.ok:
+        hot = metrics.hot
         if commit:
-            metrics.commit_ok.inc()
+            hot.commits += 1
             if outcome.amount:
-                metrics.credits(hold.meter).inc(outcome.amount)
+                hot.credits[hold.meter] += outcome.amount
         else:
-            metrics.release_ok.inc()
+            hot.releases += 1
         return
     (metrics.commit_failed if commit else metrics.release_failed).inc()
     log.warning(

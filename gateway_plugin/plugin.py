@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from aiohttp import web
 from admission.decision import Reason
 from admission.policy import Policy, load_policy
 from gateway_plugin.config import GatewayConfig
+from gateway_plugin.headers import ratelimit_templates
 from gateway_plugin.metrics import GatewayMetrics, metrics_handler
 from gateway_plugin.middleware import make_middleware, on_response_prepare
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway_plugin")
 
 _SHUTDOWN_STEP_S = 5.0
+_METRICS_FOLD_S = 1.0  # how stale /metrics may be in a process that is not the one scraped
 
 
 @dataclass(eq=False)
@@ -176,6 +179,12 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
     settings = state.policy.settings
     registry = config.registry
 
+    # Per-request counts are folded into the Prometheus metrics on this (the loop's) thread:
+    # every second, on each collect here, and last at shutdown (after the settlements).
+    state.metrics.bind()
+    stack.callback(state.metrics.fold)
+    _spawn(state, stack, "metrics-fold", functools.partial(_fold_metrics, state.metrics))
+
     redis = build_client(RedisSettings(url=config.redis_url, cluster=config.redis_cluster))
     stack.push_async_callback(_close_redis, redis)
     state.redis = redis
@@ -204,6 +213,8 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
         registry=registry,
     )
     state.identity = identity
+    state.metrics.add_fold(identity.fold_metrics)
+    stack.callback(state.metrics.remove_fold, identity.fold_metrics)
 
     engine = AdmissionEngine(redis, state.policy, filler, gateway_id=config.gateway_id)
     stack.push_async_callback(_bounded, engine.drain, "engine drain")
@@ -217,6 +228,7 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
             filler,
             route_problem=engine.route_problem,
             registry=registry,
+            templates=ratelimit_templates,
         )
         leases.start()
         state.leases = leases
@@ -300,6 +312,12 @@ def _spawn(
     if stop:
         stack.push_async_callback(_cancel, task)
     return task
+
+
+async def _fold_metrics(metrics: GatewayMetrics) -> None:
+    while True:
+        await asyncio.sleep(_METRICS_FOLD_S)
+        metrics.fold()
 
 
 async def _bounded(close: Callable[[], Awaitable[None]], what: str) -> None:

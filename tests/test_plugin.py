@@ -133,6 +133,10 @@ async def test_rate_limit_429(
         gw.metric("creditgate_decisions_total", {"outcome": "denied", "reason": "rate-limited"})
         == 1
     )
+    # The first request resolved the key; the other five found it in the local cache, counted
+    # as plain integers and folded into the counter by the scrape.
+    local = {"source": "local", "result": "valid"}
+    assert gw.metric("creditgate_key_resolutions_total", local) == 5
 
 
 async def test_concurrency_limit_429(

@@ -493,15 +493,25 @@ async def test_serve_command_smoke(
                     f"http://127.0.0.1:{port}/v1/echo?i={i}", headers=bearer(secret)
                 ) as r:
                     assert r.status == 200, await r.text()
-            async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
-                assert r.status == 200
-                metrics = await r.text()
-        admitted = [
-            line
-            for line in metrics.splitlines()
-            if line.startswith("creditgate_decisions_total{") and 'outcome="admitted"' in line
-        ]
-        assert sum(float(line.rsplit(" ", 1)[1]) for line in admitted) == requests, admitted
+            # /metrics merges every worker's counts; a worker that is not the one scraped
+            # folds its per-request counts into the shared files once a second.
+            deadline = loop.time() + 10
+            while True:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+                    assert r.status == 200
+                    metrics = await r.text()
+                admitted = [
+                    line
+                    for line in metrics.splitlines()
+                    if line.startswith("creditgate_decisions_total{")
+                    and 'outcome="admitted"' in line
+                ]
+                total = sum(float(line.rsplit(" ", 1)[1]) for line in admitted)
+                assert total <= requests, admitted
+                if total == requests or loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.05)  # polling the other worker's fold, with a deadline
+        assert total == requests, admitted
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), 45)
