@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -31,6 +31,9 @@ from admission.errors import AuthorityUnavailable
 from admission.metrics import authority_metrics
 
 log = logging.getLogger(__name__)
+
+# A case-insensitive key: a multidict looks it up without folding its case on every request.
+_AUTHORIZATION = istr("Authorization")
 
 SECRET_RE = re.compile(r"^cg_[A-Za-z0-9_-]{43}$")
 PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -166,7 +169,7 @@ class IdentityResolver:
         """
         if self._networks:
             return None
-        auth = headers.get("Authorization")
+        auth = headers.get(_AUTHORIZATION)
         if auth is None:
             return None
         ident = self._by_header.get(auth)

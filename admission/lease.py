@@ -180,7 +180,7 @@ class LocalLease:
         # (route, meter) -> [amount, held, count]: commits not yet sent to Redis.
         self.pending: dict[tuple[str, str], list[int]] = {}
         self.quotas: dict[str, _Quota] = {}
-        # id(route spec) -> its quotas here, resolved and rendered; cleared by every reply.
+        # id(route) -> its quotas here, resolved and rendered; cleared by every reply.
         self.views: dict[int, _View] = {}
         self.state = WalletState.UNSPECIFIED
         self.low = False
@@ -322,23 +322,23 @@ class LeaseAdmitter:
         lease = self._leases.get(project_id)
         if lease is None or not lease.synced or lease.closing:
             return None
-        spec = self._spec(route)
-        if spec.problem is not None:
-            return None
-        now = self._now()
-        if now >= lease.valid_until:
-            return None
-        view = lease.views.get(id(spec))
-        if view is None or view.spec is not spec:
+        view = lease.views.get(id(route))
+        if view is None or view.spec.route is not route:
+            spec = self._spec(route)
+            if spec.problem is not None:
+                return None
             view = self._view(lease, spec)
             if view is None:
                 return None
+        now = self._now()
+        if now >= lease.valid_until:
+            return None
         # The common case, decided with the fewest steps: everything the request needs is
         # here. Anything else (a denial, an exhausted part) goes through _check.
-        cost = spec.route.cost
+        cost = route.cost
         state = lease.state
         if cost <= lease.free and state is not _EXPIRED and (cost == 0 or state is not _GRACE):
-            weight = spec.route.weight
+            weight = route.weight
             for q in view.rate:
                 if q.free < weight:
                     break
@@ -349,7 +349,7 @@ class LeaseAdmitter:
                 else:
                     self.stats.fast += 1
                     return self._take(lease, view, now)
-        decision = self._check(lease, spec, now, final=False)
+        decision = self._check(lease, view.spec, now, final=False)
         if decision is not None:
             self.stats.fast += 1
         return decision
@@ -364,7 +364,7 @@ class LeaseAdmitter:
         view = _View(spec, tuple(quotas), None)
         if self._templates is not None:
             view.policy, view.fmt = self._templates(view.defs)
-        lease.views[id(spec)] = view
+        lease.views[id(spec.route)] = view
         return view
 
     async def admit(self, route: Route, project_id: str) -> Decision:
@@ -472,7 +472,7 @@ class LeaseAdmitter:
                 if reason is Reason.SETTLEMENT_BACKLOG
                 else s.credit_retry_after_seconds
             )
-        view = lease.views.get(id(spec))
+        view = lease.views.get(id(route))
         if view is None or view.spec is not spec:
             view = self._view(lease, spec)
             if view is None:
@@ -643,28 +643,36 @@ class LeaseAdmitter:
 
     def end(self, hold: Hold, commit: bool, amount: int | None = None) -> SettleOutcome:
         """End a request's local hold: commit `amount` (None: the held amount) or release."""
+        charge = (hold.amount if amount is None else amount) if commit else 0
+        outcome = self.end_local(hold, commit, charge)
+        if outcome is not None:
+            return outcome
+        return (
+            SettleOutcome(True, "COMMITTED", charge) if commit else SettleOutcome(True, "RELEASED")
+        )
+
+    def end_local(self, hold: Hold, commit: bool, amount: int) -> SettleOutcome | None:
+        """end() for the middleware: None when the hold ended as asked (commit `amount`, or
+        release), else the outcome saying what happened instead."""
         lease = self._by_id.get(hold.hold_id)
         if lease is None:
             return SettleOutcome(False, "UNKNOWN", detail="no such lease in this process")
         held = hold.amount
         charge = 0
+        outcome = None
         if commit:
-            charge = held if amount is None else amount
+            charge = amount
             if type(charge) is not int or not 0 <= charge <= MAX_AMOUNT:
-                commit, charge = False, 0
+                charge = 0
                 outcome = SettleOutcome(False, "INVALID", detail=f"bad commit amount {amount!r}")
             elif charge > held and not hold.allow_overage:
-                commit, charge = False, 0
+                charge = 0
                 outcome = SettleOutcome(
                     False,
                     "RELEASED",
                     detail=f"commit {amount} exceeds the hold of {held} and the route does "
                     "not allow overage: released",
                 )
-            else:
-                outcome = SettleOutcome(True, "COMMITTED", charge)
-        else:
-            outcome = SettleOutcome(True, "RELEASED")
         lease.dirty = True
         lease.inflight -= held
         lease.free += held - charge

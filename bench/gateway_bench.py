@@ -1,7 +1,10 @@
 """Gateway throughput, side by side in one run: bare aiohttp, the plugin, and two simple peers.
 
 Every server runs in its own process; load comes from another process (wrk if installed, else
-an aiohttp client) with a fixed number of connections for a fixed time. Run:
+an aiohttp client) with a fixed number of connections for a fixed time. The runs go in rounds,
+each round starting every server afresh in turn, and "vs bare" is the median over rounds of
+the ratio within a round: the speed of a shared machine drifts, and a drift then hits every
+server alike. Run:
 
     python bench/gateway_bench.py [--seconds 10] [--connections 50] [--servers bare,plugin,...]
 
@@ -419,6 +422,7 @@ def orchestrate(args: argparse.Namespace) -> None:
         args.loader = "wrk" if shutil.which("wrk") else "aiohttp"
     # A leading "-" would read as an option to the children's argparse.
     token = "t" + secrets.token_urlsafe(24)
+    args.token_for_children = token
     workdir = Path(tempfile.mkdtemp(prefix="cg-bench-"))
     redis = start_redis()
     authority, authority_port = _spawn("authority", "--db", str(workdir / "a.db"), "--token", token)
@@ -437,32 +441,29 @@ def orchestrate(args: argparse.Namespace) -> None:
             "--project",
             project,
         ]
+        # Rounds, each running every server once in turn: the machine's speed drifts (other
+        # tenants, clocks), and a drift then hits every server alike instead of one of them.
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        cpu_s: dict[str, dict[str, float]] = {name: {} for name in servers}
+        for _ in range(args.repeat):
+            for name in servers:
+                run, cpu = _measure_server(name, common, secret, redis, authority, target, args)
+                runs[name].append(run)
+                for k, v in cpu.items():
+                    cpu_s[name][k] = cpu_s[name].get(k, 0.0) + v
         for name in servers:
-            mode = "plugin-no-flusher" if name == "plugin-ext-flusher" else name
-            proc, port = _spawn(mode, *common, pin=_pin(args, "0"))
-            ext: subprocess.Popen[bytes] | None = None
-            if name == "plugin-ext-flusher":
-                ext = _start_flusher(redis.url, target, token)
-            try:
-                url = f"http://127.0.0.1:{port}/work"
-                warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
-                _measure(url, secret, warm)
-                pids = {"server": proc.pid, "redis": redis.proc.pid, "authority": authority.pid}
-                if ext is not None:
-                    pids["flusher"] = ext.pid
-                cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
-                runs = [_measure(url, secret, args) for _ in range(args.repeat)]
-                cpu1 = {k: _cpu_seconds(v) for k, v in pids.items()}
-                requests = sum(r["rps"] for r in runs) * args.seconds
-                best = max(runs, key=lambda r: r["rps"])
-                best["rps_runs"] = [round(r["rps"]) for r in runs]
-                best["rps_median"] = statistics.median(r["rps"] for r in runs)
-                best["cpu_us"] = {k: (cpu1[k] - cpu0[k]) / requests * 1e6 for k in pids}
-                results[name] = best
-            finally:
-                if ext is not None:
-                    _stop(ext)
-                _stop(proc)
+            rows = runs[name]
+            requests = sum(r["rps"] for r in rows) * args.seconds
+            best = dict(max(rows, key=lambda r: r["rps"]))
+            best["rps_runs"] = [round(r["rps"]) for r in rows]
+            best["rps_median"] = statistics.median(r["rps"] for r in rows)
+            best["cpu_us"] = {k: v / requests * 1e6 for k, v in cpu_s[name].items()}
+            if "bare" in runs and name != "bare":
+                # The ratio within each round, then the median of those.
+                best["ratio_median"] = statistics.median(
+                    r["rps"] / b["rps"] for r, b in zip(rows, runs["bare"], strict=True)
+                )
+            results[name] = best
         half: dict[str, dict[str, Any]] = {}
         if args.half_load and args.loader == "wrk" and {"bare", "plugin"} <= set(results):
             rate = results["plugin"]["rps_median"] / 2
@@ -495,6 +496,38 @@ def orchestrate(args: argparse.Namespace) -> None:
             f"max {cold['max_ms']:.2f} ms;"
             f" the next request of the same project: p50 {cold['warm_p50_ms']:.2f} ms"
         )
+
+
+def _measure_server(
+    name: str,
+    common: list[str],
+    secret: str,
+    redis: Any,
+    authority: subprocess.Popen[bytes],
+    target: str,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """One run of one server, started fresh and warmed up: its result and CPU seconds."""
+    mode = "plugin-no-flusher" if name == "plugin-ext-flusher" else name
+    proc, port = _spawn(mode, *common, pin=_pin(args, "0"))
+    ext: subprocess.Popen[bytes] | None = None
+    if name == "plugin-ext-flusher":
+        ext = _start_flusher(redis.url, target, args.token_for_children)
+    try:
+        url = f"http://127.0.0.1:{port}/work"
+        warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
+        _measure(url, secret, warm)
+        pids = {"server": proc.pid, "redis": redis.proc.pid, "authority": authority.pid}
+        if ext is not None:
+            pids["flusher"] = ext.pid
+        cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
+        run = _measure(url, secret, args)
+        cpu1 = {k: _cpu_seconds(v) for k, v in pids.items()}
+        return run, {k: cpu1[k] - cpu0[k] for k in pids}
+    finally:
+        if ext is not None:
+            _stop(ext)
+        _stop(proc)
 
 
 _PACE_DELAY_MS = 5
@@ -594,8 +627,14 @@ def _report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> Non
         f"{'server':<18}{'req/s (median)':>16}{'p50 ms':>10}{'p99 ms':>10}{'vs bare':>10}"
         f"{'non-2xx':>10}  cpu us/req (server redis authority flusher)  runs"
     )
+    # "vs bare": the median over rounds of (server req/s / bare req/s in the same round).
     for name, r in results.items():
-        ratio = f"{r['rps_median'] / bare:.2f}" if bare else "-"
+        if name == "bare":
+            ratio = "1.00"
+        elif "ratio_median" in r:
+            ratio = f"{r['ratio_median']:.2f}"
+        else:
+            ratio = f"{r['rps_median'] / bare:.2f}" if bare else "-"
         print(
             f"{name:<18}{r['rps_median']:>16.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
             f"{ratio:>10}{r['non_2xx']:>10}  {_cpu_text(r['cpu_us']):<42} {r['rps_runs']}"

@@ -188,7 +188,17 @@ def _end(state: GatewayState, handle: UsageHandle, commit: bool) -> None:
     amount = handle.commit_amount() if commit else 0
     leases = state.leases
     if leases is not None:  # lease mode: ended locally, synced to Redis with the lease
-        _record(state, hold, commit, leases.end(hold, commit, amount))
+        outcome = leases.end_local(hold, commit, amount)
+        if outcome is None:  # ended as asked: count it (the common case, kept short)
+            hot = state.metrics.hot
+            if commit:
+                hot.commits += 1
+                if amount:
+                    hot.credits[hold.meter] += amount
+            else:
+                hot.releases += 1
+        else:
+            _record(state, hold, commit, outcome)
         return
     fut = engine.end_hold(hold, commit, amount)
     state.settling.add(fut)

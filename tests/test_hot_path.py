@@ -41,9 +41,9 @@ quota_defs = st.lists(
 )
 
 
-def _layout(defs: list[tuple[str, QuotaKind, int, int]], numbers: list[int]) -> tuple[
-    tuple[tuple[str, QuotaKind, int, int], ...], tuple[int, ...]
-]:
+def _layout(
+    defs: list[tuple[str, QuotaKind, int, int]], numbers: list[int]
+) -> tuple[tuple[tuple[str, QuotaKind, int, int], ...], tuple[int, ...]]:
     """Definitions as the lease path keeps them (window 0 for concurrency) and figures."""
     out_defs = []
     figures: list[int] = []
