@@ -82,12 +82,29 @@ def _build_app(opts: ServeOptions) -> web.Application:
     return build_gateway_app(config, proxy, dashboard=opts.dashboard)
 
 
-async def serve(opts: ServeOptions, *, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting, drain requests and run the cleanups."""
+async def serve(
+    opts: ServeOptions, *, reuse_port: bool = False, parent_sentinel: int | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, drain requests and run the cleanups.
+
+    With `parent_sentinel` (a worker's handle on its supervisor) the same graceful stop runs when
+    the supervisor dies, even by SIGKILL: a worker never outlives the process that owns it.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if parent_sentinel is not None:
+        # The pipe's write end closes when the parent exits and the read end turns readable
+        # (and stays so: the reader goes before the drain, or it would spin the loop).
+        fd = parent_sentinel
+
+        def parent_gone() -> None:
+            loop.remove_reader(fd)
+            print(f"creditgate worker {os.getpid()}: supervisor gone, stopping", file=sys.stderr)
+            stop.set()
+
+        loop.add_reader(fd, parent_gone)
     # A worker starts with these blocked (see run_workers); one sent early is delivered now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     app = _build_app(opts)
@@ -114,7 +131,9 @@ async def serve(opts: ServeOptions, *, reuse_port: bool = False) -> None:
 
 
 def _worker(opts: ServeOptions) -> None:
-    asyncio.run(serve(opts, reuse_port=True))
+    parent = multiprocessing.parent_process()
+    sentinel = parent.sentinel if parent is not None else None
+    asyncio.run(serve(opts, reuse_port=True, parent_sentinel=sentinel))
 
 
 def run_workers(opts: ServeOptions) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -429,6 +430,86 @@ async def test_upstream_timeout_is_504_and_released(
 # ---------------------------------------------------------------- creditgate gateway serve
 
 
+class ServeProcess:
+    """`creditgate gateway serve` as a child process, its output in files."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, out: Path, err: Path) -> None:
+        self.proc, self.out, self.err = proc, out, err
+
+    def output(self) -> str:
+        return self.out.read_text() + self.err.read_text()
+
+    async def worker_pids(self, workers: int) -> set[int]:
+        """Each worker prints its banner (with its pid) once it listens."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            assert self.proc.returncode is None, self.output()
+            found = re.findall(rb"creditgate gateway pid (\d+) on ", self.out.read_bytes())
+            if len(found) >= workers:
+                return {int(pid) for pid in found}
+            assert loop.time() < deadline, self.output()
+            await asyncio.sleep(0.02)  # polling the banner file with a deadline
+
+
+@contextlib.asynccontextmanager
+async def serve_process(
+    tmp_path: Path,
+    workers: int,
+    upstream_url_: str,
+    redis_url: str,
+    authority: AuthorityServer,
+    port: int,
+) -> AsyncIterator[ServeProcess]:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    # Files, not pipes: workers inherit the descriptors, and a pipe would outlive the parent.
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with out_path.open("wb") as out_file, err_path.open("wb") as err_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway_plugin.cli",
+            "gateway",
+            "serve",
+            "--workers",
+            str(workers),
+            "--policy",
+            str(policy),
+            "--upstream",
+            upstream_url_,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--redis",
+            redis_url,
+            "--authority",
+            authority.grpc_target,
+            "--token",
+            authority.config.admin_token,
+            "--shutdown-timeout",
+            "5",
+            stdout=out_file,
+            stderr=err_file,
+            env=env,
+        )
+        try:
+            yield ServeProcess(proc, out_path, err_path)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def _running(pid: int) -> bool:
+    """True while `pid` runs (a zombie waiting for its reaper has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_serve_command_smoke(
     workers: int,
@@ -441,49 +522,13 @@ async def test_serve_command_smoke(
 ) -> None:
     _, server = upstream
     project, secret = await project_factory(1000)
-    policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY, encoding="utf-8")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    # Files, not pipes: workers inherit the descriptors, and a pipe would outlive the parent.
-    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
-    out_file, err_file = out_path.open("wb"), err_path.open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway_plugin.cli",
-        "gateway",
-        "serve",
-        "--workers",
-        str(workers),
-        "--policy",
-        str(policy),
-        "--upstream",
-        base_url(server),
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--redis",
-        redis_url,
-        "--authority",
-        authority.grpc_target,
-        "--token",
-        authority.config.admin_token,
-        "--shutdown-timeout",
-        "5",
-        stdout=out_file,
-        stderr=err_file,
-        env=env,
-    )
-    try:
-        # Each worker prints its banner (with its pid) once it listens.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        pids: set[bytes] = set()
-        while len(pids) < workers:
-            assert proc.returncode is None, err_path.read_text()
-            assert loop.time() < deadline, out_path.read_text() + err_path.read_text()
-            pids = set(re.findall(rb"creditgate gateway pid (\d+) on ", out_path.read_bytes()))
-            await asyncio.sleep(0.02)  # polling the banner file with a deadline
+    loop = asyncio.get_running_loop()
+    async with serve_process(
+        tmp_path, workers, base_url(server), redis_url, authority, port
+    ) as serving:
+        proc = serving.proc
+        await serving.worker_pids(workers)
         requests = 12
         # A fresh connection per request lets the kernel spread them over both workers.
         connector = aiohttp.TCPConnector(force_close=True)
@@ -516,14 +561,42 @@ async def test_serve_command_smoke(
         try:
             await asyncio.wait_for(proc.wait(), 45)
         except TimeoutError:
-            raise AssertionError(f"no clean exit on SIGTERM: {err_path.read_text()}") from None
-        assert proc.returncode == 0, err_path.read_text()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        out_file.close()
-        err_file.close()
+            raise AssertionError(f"no clean exit on SIGTERM: {serving.output()}") from None
+        assert proc.returncode == 0, serving.output()
     # The workers' cleanups drained their outboxes into the authority before exiting.
     token = authority.config.admin_token
     await wait_usage(authority_stub, token, project, (requests * COST, requests), 5)
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    tmp_path: Path,
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    authority: AuthorityServer,
+    authority_stub: Any,
+    project_factory: ProjectFactory,
+) -> None:
+    """SIGKILL leaves the supervisor no chance to forward anything: the workers notice on their
+    own, drain and flush as on SIGTERM, and exit instead of serving (or retrying) forever."""
+    _, server = upstream
+    project, secret = await project_factory(1000)
+    port = free_port()
+    loop = asyncio.get_running_loop()
+    async with serve_process(tmp_path, 2, base_url(server), redis_url, authority, port) as serving:
+        pids = await serving.worker_pids(2)
+        url = f"http://127.0.0.1:{port}/v1/echo"
+        async with aiohttp.ClientSession() as http, http.get(url, headers=bearer(secret)) as r:
+            assert r.status == 200, await r.text()
+        serving.proc.kill()
+        await serving.proc.wait()
+        deadline = loop.time() + 30
+        while any(_running(pid) for pid in pids):
+            if loop.time() > deadline:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"workers outlived their supervisor: {serving.output()}")
+            await asyncio.sleep(0.05)  # polling the workers' exit, with a deadline
+        assert "supervisor gone, stopping" in serving.output()
+    # The committed request reached the ledger: the workers' cleanup flushed their outboxes.
+    await wait_usage(authority_stub, authority.config.admin_token, project, (COST, 1), 5)
