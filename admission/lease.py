@@ -701,8 +701,10 @@ class LeaseAdmitter:
 
     async def _run(self) -> None:
         while not self._stopping:
+            # With no lease to keep, nothing is due until a request opens one (and wakes us).
+            idle = not self._leases and not self._retiring
             try:
-                async with asyncio.timeout(self._sync_s):
+                async with asyncio.timeout(None if idle else self._sync_s):
                     await self._wake.wait()
             except TimeoutError:
                 pass
