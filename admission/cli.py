@@ -125,6 +125,8 @@ async def _run(args: argparse.Namespace, shards: int, policy: Policy | None) -> 
             batch_size=args.batch_size,
             claim_idle_ms=args.claim_idle_ms,
             sweeper=sweeper,
+            # Within the client's 10 s socket timeout; stop() waits for at most one block.
+            block_ms=1000,
         )
         flushing = asyncio.create_task(flusher.run(), name="flusher")
         tasks: list[asyncio.Task[None]] = []

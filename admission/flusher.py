@@ -32,6 +32,7 @@ _KINDS = {"COMMIT": pb.COMMIT, "RELEASE": pb.RELEASE, "EXPIRE": pb.EXPIRE}
 _ACKED = (pb.APPLIED, pb.DUPLICATE, pb.REJECTED)
 _STATUS_LABEL = {pb.APPLIED: "applied", pb.DUPLICATE: "duplicate", pb.REJECTED: "rejected"}
 MAX_BATCH = 10_000  # the authority's limit per Settle
+_CLUSTER_POLL_MS = 100  # Redis Cluster: how often an idle flusher looks for new entries
 
 
 class Sweeper(Protocol):
@@ -150,6 +151,7 @@ class Flusher:
         sweep_interval_ms: int = 1000,
         registry: CollectorRegistry | None = None,
         linger_ms: int = 50,
+        waiter: RedisClient | None = None,
     ) -> None:
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be 1..{MAX_BATCH}, got {batch_size}")
@@ -182,6 +184,9 @@ class Flusher:
         self._stopping = asyncio.Event()
         self._shard_by_stream = {keys.outbox(s): s for s in range(shards)}
         self.linger_ms = linger_ms
+        # The idle wait (XREADGROUP BLOCK block_ms) runs on `waiter` when given: a client
+        # whose socket timeout outlasts the block, so an idle flusher wakes seldom.
+        self.waiter = waiter if waiter is not None else redis
 
     # ---------------------------------------------------------------- setup
 
@@ -300,11 +305,12 @@ class Flusher:
 
     async def _wait_for_new(self, take: _Take, batch: Batch) -> None:
         if isinstance(self.redis, RedisCluster):
-            # Shards live on different nodes: one blocking read cannot cover them all.
-            await asyncio.sleep(self.block_ms / 1000)
+            # Shards live on different nodes: one blocking read cannot cover them all, so
+            # this polls, and at most every _CLUSTER_POLL_MS (the lag of a new entry).
+            await asyncio.sleep(min(self.block_ms, _CLUSTER_POLL_MS) / 1000)
             return
         streams: dict[Any, Any] = {keys.outbox(s): ">" for s in range(self.shards)}
-        reply = await self.redis.xreadgroup(
+        reply = await self.waiter.xreadgroup(
             keys.OUTBOX_GROUP, self.consumer, streams, count=self.batch_size, block=self.block_ms
         )
         self._take_streams(reply, take, batch)

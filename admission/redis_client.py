@@ -4,7 +4,7 @@ one timeout (a 503 or a degraded allow), never seconds of redis-py's default bac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -50,3 +50,14 @@ def build_client(settings: RedisSettings) -> Client:
     )
     # from_pool: the client owns the pool, so aclose() closes its connections too.
     return aioredis.Redis.from_pool(pool)
+
+
+def build_waiting_client(settings: RedisSettings, wait_s: float) -> Client:
+    """A client for blocking reads (XREADGROUP ... BLOCK): its socket timeout covers the wait.
+
+    The admission client's short timeout would cut a blocking read off; this one is kept apart
+    (two connections at most) so that the admission path keeps failing fast.
+    """
+    return build_client(
+        replace(settings, socket_timeout_s=settings.socket_timeout_s + wait_s, max_connections=2)
+    )

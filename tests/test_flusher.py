@@ -19,6 +19,7 @@ from admission.decision import Hold
 from admission.engine import AdmissionEngine
 from admission.flusher import Flusher
 from admission.policy import Policy, parse_policy
+from admission.redis_client import RedisSettings, build_client, build_waiting_client
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
@@ -395,3 +396,32 @@ async def test_drain_settles_entries_whose_read_reply_was_lost(
     assert await flusher.drain(5.0) == 2
     assert await ledger_usage(authority_stub, token, pid) == 7
     assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0
+
+
+async def test_idle_wait_outlasts_the_admission_clients_socket_timeout(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    redis_url: str,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    """The gateway's Redis client gives up after 0.25 s; the flusher's idle read blocks longer
+    on a client of its own, and an entry written meanwhile still ends the wait."""
+    settings = RedisSettings(url=redis_url)
+    assert settings.socket_timeout_s < 0.4
+    fast, waiter = build_client(settings), build_waiting_client(settings, 0.4)
+    try:
+        flusher = flusher_for(fast, auth_client, registry, block_ms=400, waiter=waiter)
+        assert await flusher.flush_once(block=True) == 0  # a whole block, no timeout error
+
+        token = authority.config.admin_token
+        pid = new_project_id()
+        await make_wallet(authority_stub, token, pid, balance=1000)
+        waiting = asyncio.create_task(flusher.flush_once(block=True))
+        assert (await engine.commit(await charge(engine, pid), 7)).ok
+        assert await waiting == 1
+        assert await ledger_usage(authority_stub, token, pid) == 7
+    finally:
+        await fast.aclose()
+        await waiter.aclose()
