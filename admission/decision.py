@@ -52,7 +52,7 @@ class QuotaStatus:
     limit: int
     window_seconds: int  # 0 for concurrency
     remaining: int
-    reset_seconds: int  # seconds until `remaining` is back to `limit` (0 if already)
+    reset_seconds: int  # until the oldest counted unit leaves the window (<= window; 0: none)
 
 
 @dataclass(slots=True)
