@@ -58,6 +58,8 @@ def build_waiting_client(settings: RedisSettings, wait_s: float) -> Client:
     The admission client's short timeout would cut a blocking read off; this one is kept apart
     (two connections at most) so that the admission path keeps failing fast.
     """
+    if settings.cluster:
+        raise ValueError("a blocking read cannot cover a cluster's shards: poll instead")
     return build_client(
         replace(settings, socket_timeout_s=settings.socket_timeout_s + wait_s, max_connections=2)
     )

@@ -101,8 +101,13 @@ async def serve(
 
         def parent_gone() -> None:
             loop.remove_reader(fd)
-            print(f"creditgate worker {os.getpid()}: supervisor gone, stopping", file=sys.stderr)
-            stop.set()
+            stop.set()  # first: stderr may be a pipe that died with the supervisor
+            with contextlib.suppress(OSError):
+                print(
+                    f"creditgate worker {os.getpid()}: supervisor gone, stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         loop.add_reader(fd, parent_gone)
     # A worker starts with these blocked (see run_workers); one sent early is delivered now.

@@ -294,7 +294,7 @@ async def _close_redis(redis: Any) -> None:
     import redis.asyncio as aioredis
 
     if isinstance(redis, aioredis.Redis):
-        # build_client hands the client its own pool, which aclose() leaves open by default.
+        # The pool is the client's own (build_client): its connections close with it.
         await redis.aclose(close_connection_pool=True)
     else:
         await redis.aclose()

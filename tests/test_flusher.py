@@ -407,21 +407,30 @@ async def test_idle_wait_outlasts_the_admission_clients_socket_timeout(
     registry: CollectorRegistry,
 ) -> None:
     """The gateway's Redis client gives up after 0.25 s; the flusher's idle read blocks longer
-    on a client of its own, and an entry written meanwhile still ends the wait."""
+    on a client of its own, and an entry written while it blocks ends the wait at once."""
     settings = RedisSettings(url=redis_url)
     assert settings.socket_timeout_s < 0.4
-    fast, waiter = build_client(settings), build_waiting_client(settings, 0.4)
+    fast = build_client(settings)
+    short_wait, long_wait = build_waiting_client(settings, 0.4), build_waiting_client(settings, 60)
     try:
-        flusher = flusher_for(fast, auth_client, registry, block_ms=400, waiter=waiter)
+        flusher = flusher_for(fast, auth_client, registry, block_ms=400, waiter=short_wait)
         assert await flusher.flush_once(block=True) == 0  # a whole block, no timeout error
 
         token = authority.config.admin_token
         pid = new_project_id()
         await make_wallet(authority_stub, token, pid, balance=1000)
+        flusher = flusher_for(fast, auth_client, registry, block_ms=60_000, waiter=long_wait)
         waiting = asyncio.create_task(flusher.flush_once(block=True))
+        async with asyncio.timeout(10):
+            while True:
+                clients = await fast.client_list()
+                if any(c["cmd"] == "xreadgroup" and "b" in c["flags"] for c in clients):
+                    break
+                await asyncio.sleep(0.01)  # until Redis shows the read blocked, with a deadline
         assert (await engine.commit(await charge(engine, pid), 7)).ok
-        assert await waiting == 1
+        async with asyncio.timeout(10):  # far less than the 60 s block
+            assert await waiting == 1
         assert await ledger_usage(authority_stub, token, pid) == 7
     finally:
-        await fast.aclose()
-        await waiter.aclose()
+        for client in (fast, short_wait, long_wait):
+            await client.aclose()

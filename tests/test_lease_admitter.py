@@ -446,3 +446,25 @@ async def test_override_from_rate_to_concurrency_never_overfills_the_pool(
     held = [await admit(leases, free, p) for _ in range(5)]
     assert sum(d.admitted for d in held) <= 2
     assert int(await rclient.get(keys.concurrency(shard, p, "requests")) or 0) <= 2
+
+
+async def test_reset_never_exceeds_the_window_with_grants_in_the_log(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    """A lease grant sits in the rate log stamped at the lease's expiry, ahead of now. Neither
+    the lease's own `t` nor a hold-mode admission reading the same log (gateways of both modes
+    on one Redis, e.g. while switching) may report a reset beyond the window."""
+    leases = gateways()
+    p = project(filler, snap=1000)
+    free = route(policy, "free")
+    window = policy.quotas["requests"].window_seconds
+    assert policy.settings.lease_ttl_ms > 0
+    leased = await admit(leases, free, p)
+    assert leased.admitted
+    assert [(q.name, q.window_seconds) for q in leased.quotas] == [("requests", window)]
+    assert 0 < leased.quotas[0].reset_seconds <= window
+
+    hold_mode = AdmissionEngine(rclient, policy, filler, gateway_id="hold-mode")
+    held = await hold_mode.admit_route(free, p)
+    assert held.admitted
+    assert 0 < held.quotas[0].reset_seconds <= window

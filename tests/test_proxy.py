@@ -460,10 +460,15 @@ async def serve_process(
     redis_url: str,
     authority: AuthorityServer,
     port: int,
+    stderr: int | None = None,
 ) -> AsyncIterator[ServeProcess]:
+    """`stderr`: a descriptor for the processes' stderr instead of a file (then not read)."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY, encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    # A supervisor killed by the tests cannot remove its metrics directory: keep it in tmp_path.
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     # Files, not pipes: workers inherit the descriptors, and a pipe would outlive the parent.
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
     with out_path.open("wb") as out_file, err_path.open("wb") as err_file:
@@ -490,7 +495,7 @@ async def serve_process(
             "--shutdown-timeout",
             "5",
             stdout=out_file,
-            stderr=err_file,
+            stderr=err_file if stderr is None else stderr,
             env=env,
         )
         try:
@@ -568,7 +573,9 @@ async def test_serve_command_smoke(
     await wait_usage(authority_stub, token, project, (requests * COST, requests), 5)
 
 
+@pytest.mark.parametrize("stderr", ["file", "dead-pipe"])
 async def test_workers_stop_when_the_supervisor_is_killed(
+    stderr: str,
     tmp_path: Path,
     upstream: tuple[Upstream, TestServer],
     redis_url: str,
@@ -577,26 +584,46 @@ async def test_workers_stop_when_the_supervisor_is_killed(
     project_factory: ProjectFactory,
 ) -> None:
     """SIGKILL leaves the supervisor no chance to forward anything: the workers notice on their
-    own, drain and flush as on SIGTERM, and exit instead of serving (or retrying) forever."""
+    own, drain and flush as on SIGTERM, and exit instead of serving (or retrying) forever. Also
+    when their stderr is a pipe whose reader died too (`serve ... 2>&1 | logger`, all killed):
+    writing to it fails, and that must not keep a worker from stopping."""
     _, server = upstream
     project, secret = await project_factory(1000)
     port = free_port()
     loop = asyncio.get_running_loop()
-    async with serve_process(tmp_path, 2, base_url(server), redis_url, authority, port) as serving:
-        pids = await serving.worker_pids(2)
-        url = f"http://127.0.0.1:{port}/v1/echo"
-        async with aiohttp.ClientSession() as http, http.get(url, headers=bearer(secret)) as r:
-            assert r.status == 200, await r.text()
-        serving.proc.kill()
-        await serving.proc.wait()
-        deadline = loop.time() + 30
-        while any(_running(pid) for pid in pids):
-            if loop.time() > deadline:
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                raise AssertionError(f"workers outlived their supervisor: {serving.output()}")
-            await asyncio.sleep(0.05)  # polling the workers' exit, with a deadline
-        assert "supervisor gone, stopping" in serving.output()
+    read_end, write_end = os.pipe() if stderr == "dead-pipe" else (-1, -1)
+    try:
+        async with serve_process(
+            tmp_path,
+            2,
+            base_url(server),
+            redis_url,
+            authority,
+            port,
+            stderr=write_end if write_end >= 0 else None,
+        ) as serving:
+            pids = await serving.worker_pids(2)
+            url = f"http://127.0.0.1:{port}/v1/echo"
+            async with aiohttp.ClientSession() as http, http.get(url, headers=bearer(secret)) as r:
+                assert r.status == 200, await r.text()
+            if read_end >= 0:
+                os.close(read_end)
+                read_end = -1
+            serving.proc.kill()
+            await serving.proc.wait()
+            deadline = loop.time() + 30
+            while any(_running(pid) for pid in pids):
+                if loop.time() > deadline:
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    raise AssertionError(f"workers outlived their supervisor: {serving.output()}")
+                await asyncio.sleep(0.05)  # polling the workers' exit, with a deadline
+            if stderr == "file":
+                assert "supervisor gone, stopping" in serving.output()
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
     # The committed request reached the ledger: the workers' cleanup flushed their outboxes.
     await wait_usage(authority_stub, authority.config.admin_token, project, (COST, 1), 5)

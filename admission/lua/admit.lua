@@ -159,7 +159,7 @@ for op = 1, nops do
       if q.kind == 'rate' then
         local reset = 0
         if q.oldest then
-          reset = math.max(0, ceil_s(q.oldest + q.win * 1000 - now))
+          reset = reset_s(q.oldest, q.win * 1000, now)
         end
         res[n + 1], res[n + 2], res[n + 3], res[n + 4], res[n + 5] =
           0, q.limit, q.win, remaining, reset

@@ -237,10 +237,7 @@ local function sync(close, lkey, wallet, qdefs, a, quotas, events)
         local keep_ms = win_ms + ttl_ms + 1000
         extend_ttl(q.log, keep_ms)
         extend_ttl(q.sum_key, keep_ms)
-        -- A grant is stamped at its lease's expiry (it stays counted while a gateway may
-        -- still spend it), so the oldest entry can lie ahead: no unit used by now stays
-        -- counted longer than one window.
-        reset = math.min(ceil_s(win_ms), math.max(0, ceil_s(oldest + win_ms - now)))
+        reset = reset_s(oldest, win_ms, now)
       else
         redis.call('DEL', q.sum_key)
       end

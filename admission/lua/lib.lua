@@ -90,6 +90,13 @@ local function ceil_s(ms)
   return math.ceil(ms / 1000)
 end
 
+-- Seconds until the oldest counted entry leaves a window of win_ms: the RateLimit `t`. Never
+-- more than the window: a lease's grant is stamped at the lease's expiry (lease.lua), possibly
+-- ahead of now, while any unit really used by now leaves the window within one window.
+local function reset_s(oldest, win_ms, now)
+  return math.min(ceil_s(win_ms), math.max(0, ceil_s(oldest + win_ms - now)))
+end
+
 -- Never shortens a TTL: a lease's grant in the same log may be stamped in the future (lease.lua).
 local function extend_ttl(key, ms)
   local pt = redis.call('PTTL', key)
