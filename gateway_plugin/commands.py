@@ -113,7 +113,10 @@ async def serve(
     # A worker starts with these blocked (see run_workers); one sent early is delivered now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     app = _build_app(opts)
-    runner = web.AppRunner(app, shutdown_timeout=opts.shutdown_timeout, access_log=None)
+    # aiohttp waits shutdown_timeout for a running handler, then cancels only the request's
+    # body and waits as long again before it cancels the handler: half each, so a request
+    # gets `--shutdown-timeout` in all, as documented, not twice that.
+    runner = web.AppRunner(app, shutdown_timeout=opts.shutdown_timeout / 2, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, opts.host, opts.port, reuse_port=reuse_port or None)
@@ -130,7 +133,7 @@ async def serve(
         )
         await stop.wait()
     finally:
-        # Stops the listener, waits up to shutdown_timeout for handlers, then the plugin's
+        # Stops the listener, waits up to --shutdown-timeout for handlers, then the plugin's
         # cleanup settles in-flight holds and drains the outbox to the authority.
         await runner.cleanup()
 

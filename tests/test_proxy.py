@@ -461,6 +461,7 @@ async def serve_process(
     authority: AuthorityServer,
     port: int,
     stderr: int | None = None,
+    shutdown_timeout: float = 5,
 ) -> AsyncIterator[ServeProcess]:
     """`stderr`: a descriptor for the processes' stderr instead of a file (then not read)."""
     policy = tmp_path / "policy.toml"
@@ -493,7 +494,7 @@ async def serve_process(
             "--token",
             authority.config.admin_token,
             "--shutdown-timeout",
-            "5",
+            str(shutdown_timeout),
             stdout=out_file,
             stderr=err_file if stderr is None else stderr,
             env=env,
@@ -627,3 +628,46 @@ async def test_workers_stop_when_the_supervisor_is_killed(
                 os.close(fd)
     # The committed request reached the ledger: the workers' cleanup flushed their outboxes.
     await wait_usage(authority_stub, authority.config.admin_token, project, (COST, 1), 5)
+
+
+async def test_shutdown_timeout_bounds_a_hung_request(
+    tmp_path: Path,
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    authority: AuthorityServer,
+    authority_stub: Any,
+    project_factory: ProjectFactory,
+) -> None:
+    """`--shutdown-timeout T`: a request still running at SIGTERM gets T in all, then it is
+    cut off (aiohttp's own two waits of T each would give it 2T) and its hold released."""
+    up, server = upstream
+    project, secret = await project_factory(1000)
+    port = free_port()
+    timeout = 1.0
+    loop = asyncio.get_running_loop()
+    async with (
+        serve_process(
+            tmp_path, 1, base_url(server), redis_url, authority, port, shutdown_timeout=timeout
+        ) as serving,
+        aiohttp.ClientSession() as http,
+    ):
+        await serving.worker_pids(1)
+
+        async def hung_request() -> float:
+            with pytest.raises(aiohttp.ClientError):
+                url = f"http://127.0.0.1:{port}/v1/hang"
+                async with http.get(url, headers=bearer(secret)) as r:
+                    await r.read()
+            return loop.time()
+
+        request = asyncio.create_task(hung_request())
+        async with asyncio.timeout(10):
+            await up.hanging.wait()
+        signalled = loop.time()
+        serving.proc.send_signal(signal.SIGTERM)
+        cut_off = await asyncio.wait_for(request, 10) - signalled
+        # Generous bounds on both sides: the point is T, not 2T.
+        assert timeout * 0.9 <= cut_off < timeout * 1.9, cut_off
+        assert await asyncio.wait_for(serving.proc.wait(), 30) == 0, serving.output()
+    # Cut off mid-request: the route's on_disconnect policy (release) applies, nothing charged.
+    await wait_usage(authority_stub, authority.config.admin_token, project, (0, 0), 5)
