@@ -1021,6 +1021,14 @@ class LeaseAdmitter:
     def leases(self) -> Sequence[LocalLease]:
         return list(self._leases.values())
 
+    def unsynced_commits(self) -> int:
+        """Commits recorded in leases and not yet sent to Redis (they go with the next sync)."""
+        return sum(
+            p[2]
+            for lease in [*self._leases.values(), *self._retiring.values()]
+            for p in lease.pending.values()
+        )
+
     async def aclose(self) -> None:
         """Stop syncing and hand every lease back (commits included); idempotent."""
         self._closed = True

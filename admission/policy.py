@@ -80,11 +80,6 @@ class Route:
     def allow_overage(self) -> bool:
         return self.commit == "overage"
 
-    @property
-    def reports_usage(self) -> bool:
-        """The handler reports the actual amount (commit modes reported and overage)."""
-        return self.commit != "held"
-
 
 @dataclass(frozen=True)
 class Policy:

@@ -211,7 +211,16 @@ class GatewayMetrics:
         )
         self.settle_in_flight = Gauge(
             "creditgate_settle_in_flight",
-            "Commits/releases started and not yet confirmed by Redis",
+            "Commits/releases started and not yet in Redis (lease mode: commits waiting for "
+            "their lease's next sync)",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.unreported = Counter(
+            "creditgate_usage_unreported",
+            'Requests on commit = "reported" routes that ended without a report (the hold '
+            "was committed), by route",
+            ["route"],
             registry=registry,
         )
         self.project_decisions = ProjectDecisions(projects, top_projects)

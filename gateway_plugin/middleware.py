@@ -46,6 +46,7 @@ log = logging.getLogger("gateway_plugin")
 
 _COMMIT = True
 _RELEASE = False
+_REPORTED = "reported"  # Route.commit: the handler is expected to report its usage
 # Retrying a commit/release while Redis is away: the hold TTL bounds how long it can matter.
 _SETTLE_BACKOFF_START_S = 0.05
 _SETTLE_BACKOFF_MAX_S = 2.0
@@ -154,6 +155,9 @@ def make_middleware(state: GatewayState) -> Middleware:
             # The client left while the handler ran: nothing of the response can reach it.
             _end(state, handle, route.on_disconnect == "commit")
         else:
+            if route.commit == _REPORTED and handle.reported is None and not handle.released:
+                # The route expects its handler to report usage: the hold is charged instead.
+                metrics.unreported.labels(route.name).inc()
             _end(state, handle, _COMMIT)
         return response
 

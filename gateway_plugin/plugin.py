@@ -193,6 +193,11 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
     stack.push_async_callback(_close_redis, redis)
     state.redis = redis
 
+    if not config.authority_token:
+        log.warning(
+            "creditgate: authority_token is empty: the authority will refuse key lookups, "
+            "snapshots and settlements (GatewayConfig.from_env() reads CREDITGATE_ADMIN_TOKEN)"
+        )
     authority = AuthorityClient(
         AuthorityClientConfig(target=config.authority_target, token=config.authority_token)
     )
@@ -236,6 +241,15 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
         )
         leases.start()
         state.leases = leases
+
+    def settle_in_flight() -> None:
+        n = len(state.settling)
+        if state.leases is not None:
+            n += state.leases.unsynced_commits()
+        state.metrics.settle_in_flight.set(n)
+
+    state.metrics.add_fold(settle_in_flight)
+    stack.callback(state.metrics.remove_fold, settle_in_flight)
 
     if config.run_watch:
         watch = WatchSubscriber(

@@ -343,6 +343,52 @@ async def test_reported_usage_and_overage(
     assert await usage_sum(authority_stub, authority.config.admin_token, project) == (62, 2)
 
 
+async def test_reported_route_without_a_report_charges_the_hold_and_is_counted(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    async def forgets(request: web.Request) -> web.Response:
+        return web.Response(text="no report")
+
+    async def releases(request: web.Request) -> web.Response:
+        usage(request).release()
+        return web.Response(text="released")
+
+    gw = await gateway_factory(
+        [("POST", "/reported", forgets), ("POST", "/overage", forgets), ("GET", "/charged", ok)]
+    )
+    project, secret = await project_factory(1000)
+    for path in ("/reported", "/overage"):
+        assert (await gw.client.post(path, headers=bearer(secret))).status == 200
+    gw.state.metrics.fold()
+    # Only the route whose commit mode expects a report counts the missing one.
+    assert gw.metric("creditgate_usage_unreported_total", {"route": "reported"}) == 1
+    assert gw.metric("creditgate_usage_unreported_total", {"route": "overage"}) == 0
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (110, 2)
+
+
+async def test_settle_in_flight_counts_commits_not_yet_in_redis(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    # Lease syncs far apart: commits wait in the lease until the test flushes them.
+    policy = GATEWAY_POLICY.replace(
+        "[settings]", "[settings]\nlease_sync_ms = 10000\nlease_ttl_ms = 60000", 1
+    )
+    gw = await gateway_factory([("GET", "/charged", ok)], policy_text=policy)
+    _, secret = await project_factory(1000)
+    # The first request's sync comes before its admission: its commit waits for the next one.
+    assert (await gw.client.get("/charged", headers=bearer(secret))).status == 200
+    gw.state.metrics.fold()
+    assert gw.metric("creditgate_settle_in_flight") == 1
+    assert gw.state.leases is not None
+    assert await gw.state.leases.flush()
+    gw.state.metrics.fold()
+    assert gw.metric("creditgate_settle_in_flight") == 0
+
+
 async def test_usage_outside_a_protected_route_is_a_clear_error(
     gateway_factory: GatewayFactory,
 ) -> None:
