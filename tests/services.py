@@ -209,8 +209,21 @@ def start_redis_cluster(masters: int = 3) -> RedisCluster:
         raise
 
 
+_BOOTSTRAP_DSN_FILE = Path(__file__).resolve().parent.parent / ".pg-dsn.env"
+
+
 def postgres_admin_dsn() -> str:
-    return os.environ.get("CREDITGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+    """CREDITGATE_TEST_PG_DSN, else the DSN scripts/bootstrap.sh wrote when it had to start a
+    PostgreSQL itself (.pg-dsn.env), else the local server with trust auth."""
+    dsn = os.environ.get("CREDITGATE_TEST_PG_DSN")
+    if dsn:
+        return dsn
+    if _BOOTSTRAP_DSN_FILE.is_file():
+        for line in _BOOTSTRAP_DSN_FILE.read_text(encoding="utf-8").splitlines():
+            name, sep, value = line.partition("=")
+            if sep and name.strip() == "CREDITGATE_TEST_PG_DSN" and value.strip():
+                return value.strip()
+    return "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @contextlib.contextmanager
