@@ -37,9 +37,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument(
         "--redis",
-        default=os.environ.get("CREDITGATE_REDIS", "redis://127.0.0.1:6379/0"),
+        default=os.environ.get("CREDITGATE_REDIS")
+        or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         metavar="URL",
-        help="Redis URL (env CREDITGATE_REDIS, default %(default)s)",
+        help="Redis URL (env CREDITGATE_REDIS or REDIS_URL, default %(default)s)",
     )
     p.add_argument("--cluster", action="store_true", help="the URL names a Redis Cluster node")
     p.add_argument(

@@ -269,7 +269,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="Redis URL (env REDIS_URL; a seed node with --redis-cluster)",
     )
     s.add_argument("--redis-cluster", action="store_true", help="Redis is a Redis Cluster")
-    s.add_argument("--authority", default="127.0.0.1:50051", help="authority gRPC HOST:PORT")
+    s.add_argument(
+        "--authority",
+        default=os.environ.get("CREDITGATE_AUTHORITY", "127.0.0.1:50051"),
+        help="authority gRPC HOST:PORT (env CREDITGATE_AUTHORITY, default %(default)s)",
+    )
     s.add_argument(
         "--token",
         default=None,
