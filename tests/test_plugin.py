@@ -17,10 +17,12 @@ import pytest
 from aiohttp import ClientResponse, web
 from prometheus_client import CollectorRegistry
 
+from admission.policy import parse_policy
 from creditservice.clock import ManualClock
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from gateway_plugin import GATEWAY_KEY, GatewayConfig, UsageError, setup, usage
+from gateway_plugin.dashboard import DashboardConfig, setup_dashboard
 from gateway_plugin.metrics import ProjectDecisions
 from tests.fixtures_gateway import (
     GATEWAY_POLICY,
@@ -662,3 +664,38 @@ async def test_metrics_endpoint_bypasses_a_catch_all_route(gateway_factory: Gate
     gw = await gateway_factory(BASIC_ROUTES, policy_text=GATEWAY_POLICY + catch_all)
     assert (await gw.client.get("/metrics")).status == 200
     await problem(await gw.client.get("/free-for-all"), 401, "missing-credential")
+
+
+async def test_dashboard_on_a_plugin_app(
+    authority: AuthorityServer,
+    gateway_redis: RedisProcess,
+    project_factory: ProjectFactory,
+    aiohttp_client: Any,
+) -> None:
+    """The live dashboard is not only the standalone gateway's: setup_dashboard() adds it to
+    any app protected by setup(), and its routes bypass admission (unmatched = "deny")."""
+    token = authority.config.admin_token
+    config = GatewayConfig(
+        policy=parse_policy(GATEWAY_POLICY, "test-policy.toml"),
+        redis_url=gateway_redis.url,
+        authority_target=authority.grpc_target,
+        authority_token=token,
+        gateway_id=f"dash-{secrets.token_hex(4)}",
+        registry=CollectorRegistry(),
+    )
+    app = web.Application()
+    app.router.add_get("/charged", ok)
+    setup(app, config)
+    setup_dashboard(app, DashboardConfig.from_gateway(config))
+    client = await aiohttp_client(app)
+    project, secret = await project_factory(1000)
+    assert (await client.get("/charged", headers=bearer(secret))).status == 200
+
+    page = await client.get("/_creditgate/dashboard/")
+    assert page.status == 200 and page.content_type == "text/html"
+    assert (await client.get("/_creditgate/stats", headers=bearer(secret))).status == 401
+    resp = await client.get("/_creditgate/stats", headers=bearer(token))
+    assert resp.status == 200
+    stats = await resp.json()
+    assert stats["decisions"]["by_reason"] == {"admitted": 1}
+    assert [w["project"] for w in stats["wallets"]] == [project]
