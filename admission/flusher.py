@@ -190,6 +190,16 @@ class Flusher:
 
     # ---------------------------------------------------------------- setup
 
+    def _after_redis_error(self, err: BaseException) -> None:
+        """A Redis that lost its data (restarted without persistence, flushed) answers NOGROUP:
+        the streams and the consumer group are made again before the next read, or nothing
+        would ever settle again."""
+        if isinstance(err, ResponseError) and "NOGROUP" in str(err):
+            log.error("outbox consumer group missing (Redis lost its data?): creating it again")
+            self._groups_ready = False
+            self._replay_from = {s: "0" for s in range(self.shards)}
+            self._claim_from = {s: "0-0" for s in range(self.shards)}
+
     async def ensure_groups(self) -> None:
         if self._groups_ready:
             return
@@ -536,6 +546,7 @@ class Flusher:
                         await self._pause(self.linger_ms / 1000)
                 except (AuthorityUnavailable, AuthorityRequestFailed, RedisError) as err:
                     honour_cancellation()
+                    self._after_redis_error(err)
                     log.warning("flush failed, retrying in %.2fs: %r", backoff, err)
                     await self._pause(backoff)
                     backoff = min(backoff * 2, self.backoff_max_s)
@@ -555,8 +566,19 @@ class Flusher:
             async with asyncio.timeout(timeout_s):
                 if self.sweeper is not None:
                     await self.sweeper.sweep_expired()
-                while (n := await self.flush_once()) > 0 or self._carry:
+                regrouped = False
+                while True:
+                    try:
+                        n = await self.flush_once()
+                    except ResponseError as err:
+                        if regrouped or "NOGROUP" not in str(err):
+                            raise
+                        regrouped = True
+                        self._after_redis_error(err)
+                        continue
                     total += n
+                    if n == 0 and not self._carry:
+                        break
         return total
 
     async def _sweep_loop(self) -> None:

@@ -190,7 +190,8 @@ def run_workers(opts: ServeOptions) -> int:
                 alive.remove(p)
                 if p.pid is not None:
                     multiprocess.mark_process_dead(p.pid, mp_dir)  # type: ignore[no-untyped-call]
-                if p.exitcode != 0:
+                if p.exitcode != 0 or not stopping:
+                    # Unasked, even a clean exit is a failure: the gateway is not whole.
                     code = 1
                     print(f"creditgate worker {p.pid} exited with {p.exitcode}", file=sys.stderr)
                 if not stopping:

@@ -434,3 +434,48 @@ async def test_idle_wait_outlasts_the_admission_clients_socket_timeout(
     finally:
         for client in (fast, short_wait, long_wait):
             await client.aclose()
+
+
+async def test_settling_resumes_after_redis_lost_the_consumer_group(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    """Redis restarted without its data (or flushed): the next commit's XADD makes the outbox
+    stream again, without the consumer group, and reads answer NOGROUP. The running flusher
+    makes the group again and settles; so does a shutdown drain."""
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=1000)
+    stream = keys.outbox(keys.shard_of(pid, SHARDS))
+    flusher = flusher_for(rclient, auth_client, registry, block_ms=20, backoff_initial_s=0.01)
+    runner = asyncio.create_task(flusher.run())
+    try:
+        assert (await engine.commit(await charge(engine, pid), 3)).ok
+        await wait_for_ledger(authority_stub, token, pid, 3)
+
+        await rclient.delete(stream)  # the group goes with the stream
+        assert (await engine.commit(await charge(engine, pid), 4)).ok
+        await wait_for_ledger(authority_stub, token, pid, 7)
+    finally:
+        flusher.stop()
+        async with asyncio.timeout(10):
+            await runner
+
+    await rclient.delete(stream)
+    assert (await engine.commit(await charge(engine, pid), 5)).ok
+    assert await flusher.drain(10.0) == 1
+    assert await ledger_usage(authority_stub, token, pid) == 12
+
+
+async def wait_for_ledger(
+    stub: pb_grpc.CreditServiceAsyncStub, token: str, pid: str, amount: int
+) -> None:
+    async with asyncio.timeout(15):
+        while True:
+            if await ledger_usage(stub, token, pid) == amount:
+                return
+            await asyncio.sleep(0.02)  # polling the ledger, with a deadline

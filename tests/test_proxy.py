@@ -671,3 +671,21 @@ async def test_shutdown_timeout_bounds_a_hung_request(
         assert await asyncio.wait_for(serving.proc.wait(), 30) == 0, serving.output()
     # Cut off mid-request: the route's on_disconnect policy (release) applies, nothing charged.
     await wait_usage(authority_stub, authority.config.admin_token, project, (0, 0), 5)
+
+
+async def test_a_worker_stopping_on_its_own_stops_the_gateway_with_a_failure(
+    tmp_path: Path,
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    authority: AuthorityServer,
+) -> None:
+    """One worker ends (here: cleanly, on its own SIGTERM) while the gateway was not asked to
+    stop: the supervisor stops the other one and exits 1, so a process manager restarts the
+    whole gateway instead of leaving half of it serving."""
+    _, server = upstream
+    port = free_port()
+    async with serve_process(tmp_path, 2, base_url(server), redis_url, authority, port) as serving:
+        first, *_ = sorted(await serving.worker_pids(2))
+        os.kill(first, signal.SIGTERM)
+        assert await asyncio.wait_for(serving.proc.wait(), 45) == 1, serving.output()
+        assert f"creditgate worker {first} exited with 0" in serving.output()
