@@ -59,6 +59,9 @@ class IdentityConfig:
     disconnected_ttl_s: float = 1.0  # invariant 6: revocation effective within 1 s
     negative_ttl_s: float = 5.0
     redis_ttl_s: int = 300  # bounds a Redis mapping whose revocation no gateway saw
+    # Once the authority could not answer, lookups go to Redis for this long before it is
+    # asked again: each failed call costs its timeout, which must not fall on every request.
+    authority_retry_s: float = 1.0
 
 
 def key_hash(secret: str) -> str:
@@ -119,6 +122,7 @@ class IdentityResolver:
         )
         self._inflight: dict[str, asyncio.Future[str | None]] = {}
         self._watch_connected = False
+        self._authority_down_until = float("-inf")  # see IdentityConfig.authority_retry_s
         # Bumped by every eviction: a lookup that overlapped one may carry a revoked answer,
         # so it is used for its own request but neither cached here nor written to Redis.
         self._evictions = 0
@@ -297,14 +301,20 @@ class IdentityResolver:
                 return found
             return await self._from_authority(digest, learnt, evictions)
         # Without our Watch stream a Redis mapping may outlive its revocation: ask the
-        # authority first, and fall back to Redis only when the authority cannot answer.
-        try:
-            return await self._from_authority(digest, learnt, evictions)
-        except AuthorityUnavailable:
-            found = await self._from_redis(digest)
-            if found is None:
-                raise
-            return found
+        # authority first, and fall back to Redis only when the authority cannot answer. An
+        # answer from Redis is kept locally like any other while the stream is down (at most
+        # disconnected_ttl_s): no revocation can reach us from an authority we cannot reach.
+        if learnt >= self._authority_down_until:
+            try:
+                return await self._from_authority(digest, learnt, evictions)
+            except AuthorityUnavailable:
+                self._authority_down_until = self._clock() + self.config.authority_retry_s
+        found = await self._from_redis(digest)
+        if found is None:
+            raise AuthorityUnavailable("the authority is unreachable and Redis has no mapping")
+        if evictions == self._evictions:
+            self._remember(digest, found, learnt)
+        return found
 
     async def _from_redis(self, digest: str) -> str | None:
         try:

@@ -279,3 +279,30 @@ async def test_wrong_gateway_token_is_unavailable_not_a_crash(
             await filler.fill(new_project_id())
         assert isinstance(info.value.__cause__, AuthorityRequestFailed)
         assert info.value.__cause__.code == "UNAUTHENTICATED"
+
+
+async def test_authority_down_costs_one_failed_call_per_retry_interval(
+    rclient: aioredis.Redis, registry: CollectorRegistry, clock: FakeMonotonic
+) -> None:
+    """Watch down and the authority unreachable: keys known to Redis still resolve, and the
+    authority's timeout is paid once per `authority_retry_s`, not by every request."""
+    cfg = AuthorityClientConfig(target=f"127.0.0.1:{free_port()}", token="t", timeout_s=0.5)
+    async with AuthorityClient(cfg) as client:
+        resolver = IdentityResolver(rclient, client, registry=registry, clock=clock)
+        secrets_ = ["cg_" + secrets.token_urlsafe(32) for _ in range(2)]
+        projects = [new_project_id() for _ in secrets_]
+        for secret, pid in zip(secrets_, projects, strict=True):
+            await rclient.set(keys.api_key(key_hash(secret)), pid)
+        unknown = "cg_" + secrets.token_urlsafe(32)
+
+        assert await resolver.resolve(secrets_[0]) == projects[0]  # asked, failed, Redis
+        assert client.calls["ResolveApiKey"] == 1
+        assert await resolver.resolve(secrets_[1]) == projects[1]  # Redis straight away
+        assert await resolver.identify({"X-Api-Key": unknown}, None) is Reason.UNAVAILABLE
+        clock.now += 0.5
+        assert await resolver.resolve(secrets_[0]) == projects[0]  # kept locally
+        assert client.calls["ResolveApiKey"] == 1
+
+        clock.now += 0.6  # past authority_retry_s (and the 1 s local bound): asked again
+        assert await resolver.resolve(secrets_[1]) == projects[1]
+        assert client.calls["ResolveApiKey"] == 2
