@@ -78,6 +78,10 @@ _HORIZON_INTERVALS = 3
 # figure yet; the script's half-of-what-is-left rule keeps it from starving other gateways).
 _MIN_BLOCK = 4
 _MAX_LEASES = 100_000
+# Syncs a request the lease does not cover may wait for. A sync's grant counts the waiting
+# requests' needs, but the fast path of other requests may spend it before a waiter runs;
+# only the last attempt denies without a reason from Redis (then: insufficient credits).
+_ATTEMPTS = 3
 
 
 class _Failure:
@@ -381,7 +385,7 @@ class LeaseAdmitter:
         if self._closed:
             return self._failed(spec.route, project_id, _Failure(None, "the gateway is stopping"))
         self.stats.waited += 1
-        for attempt in range(2):
+        for attempt in range(_ATTEMPTS):
             if self._closed:
                 break
             lease = self._lease(project_id)
@@ -397,7 +401,7 @@ class LeaseAdmitter:
                 return self._failed(spec.route, project_id, failure)
             now = self._now()
             if lease.synced and now < lease.valid_until and not lease.closing:
-                decision = self._check(lease, spec, now, final=attempt == 1)
+                decision = self._check(lease, spec, now, final=attempt == _ATTEMPTS - 1)
                 if decision is not None:
                     return decision
         # Unreachable in practice: the final check always decides.
