@@ -1026,15 +1026,18 @@ class LeaseAdmitter:
         return list(self._leases.values())
 
     def unsynced_commits(self) -> int:
-        """Commits recorded in leases and not yet sent to Redis (they go with the next sync)."""
+        """Commits recorded in leases and not yet in Redis (they go with the next sync)."""
         return sum(
-            p[2]
-            for lease in [*self._leases.values(), *self._retiring.values()]
-            for p in lease.pending.values()
+            _unsent(lease)[0] for lease in [*self._leases.values(), *self._retiring.values()]
         )
 
-    async def aclose(self) -> None:
-        """Stop syncing and hand every lease back (commits included); idempotent."""
+    async def aclose(self, within_s: float = 4.0) -> None:
+        """Stop syncing and hand every lease back (commits included); idempotent.
+
+        Closing syncs are retried (with backoff) for up to `within_s` while Redis does not
+        answer. Commits that still could not be sent are lost to the ledger (their requests are
+        never charged): they are counted in an ERROR log line, never dropped silently.
+        """
         self._closed = True
         self._stopping = True
         self._wake.set()
@@ -1050,10 +1053,47 @@ class LeaseAdmitter:
             await asyncio.wait(set(self._rounds))
         for lease in list(self._leases.values()):
             self._resolve(lease, _Failure(None, "the gateway is stopping"))
-        # Two tries for a transient error.
-        for _ in range(2):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        backoff = 0.05
+        while True:
             await self.sync_round(closing=True)
             if not self._leases and not self._retiring:
                 break
+            if loop.time() + backoff > deadline:
+                break
+            await asyncio.sleep(backoff)  # Redis away: try again, up to the deadline
+            backoff = min(backoff * 2, 0.5)
         for lease in list(self._leases.values()):
             self._resolve(lease, _Failure(None, "the gateway is stopping"))
+        self._report_lost()
+
+    def _report_lost(self) -> None:
+        lost: list[tuple[str, int, int]] = []
+        for lease in [*self._leases.values(), *self._retiring.values()]:
+            count, credits = _unsent(lease)
+            if count:
+                lost.append((lease.project_id, count, credits))
+        if lost:
+            log.error(
+                "creditgate: Redis did not answer at shutdown: %d commits (%d credits) of %d "
+                "projects were never recorded and will not be charged: %s",
+                sum(n for _, n, _ in lost),
+                sum(c for _, _, c in lost),
+                len(lost),
+                ", ".join(f"{pid}: {n} commits, {c} credits" for pid, n, c in lost[:20]),
+            )
+
+
+def _unsent(lease: LocalLease) -> tuple[int, int]:
+    """(commits, credits) a lease holds that Redis has not confirmed: recorded since the last
+    send, plus those of a sent sync whose outcome is unknown (re-sent as is)."""
+    count = credits = 0
+    for amount, _held, n in lease.pending.values():
+        count += n
+        credits += amount
+    if lease.retry_op is not None:
+        for event in lease.retry_op.events:
+            count += event.count
+            credits += event.amount
+    return count, credits

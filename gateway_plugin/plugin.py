@@ -298,7 +298,12 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
 
     if leases is not None:
         # Before the flusher drains: the leases' last commits reach the outbox first.
-        stack.push_async_callback(_bounded, leases.aclose, "leases")
+        # Redis away at shutdown: closing syncs are retried for settle_drain_timeout_seconds
+        # (within the shutdown step's bound), then what could not be sent is logged as lost.
+        close_s = min(config.settle_drain_timeout_seconds, _SHUTDOWN_STEP_S - 1.0)
+        stack.push_async_callback(
+            _bounded, functools.partial(leases.aclose, max(close_s, 0.0)), "leases"
+        )
 
     # Last in, first out: holds still ending reach Redis before the flusher drains.
     stack.push_async_callback(_drain_settlements, state)

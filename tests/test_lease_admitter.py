@@ -6,6 +6,7 @@ Several LeaseAdmitters on one Redis stand for several gateway processes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -24,6 +25,7 @@ from tests.fixtures_admission import (
     outbox_events,
     wallet_of,
 )
+from tests.services import RedisProcess
 
 POLICY = """
 [settings]
@@ -468,3 +470,36 @@ async def test_reset_never_exceeds_the_window_with_grants_in_the_log(
     held = await hold_mode.admit_route(free, p)
     assert held.admitted
     assert 0 < held.quotas[0].reset_seconds <= window
+
+
+async def test_shutdown_with_redis_away_retries_then_reports_what_is_lost(
+    policy: Policy, own_redis: RedisProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Commits waiting for their lease's sync when Redis stops answering at shutdown: closing
+    syncs are retried up to the deadline, and what could not be sent is logged with its count
+    and credits (those requests are never charged), never dropped silently."""
+    from admission.redis_client import RedisSettings, build_client
+
+    client = build_client(RedisSettings(url=own_redis.url))
+    try:
+        filler = DictFiller(client, shards=4)
+        engine = AdmissionEngine(client, policy, filler, gateway_id="gw-away")
+        leases = LeaseAdmitter(engine.store, policy, filler, route_problem=engine.route_problem)
+        leases.start()
+        p = project(filler, snap=1000)
+        work = route(policy, "work")
+        for _ in range(3):
+            d = await admit(leases, work, p)
+            assert d.admitted and d.hold is not None
+            leases.end(d.hold, True)
+        assert leases.unsynced_commits() >= 1
+        unsent = leases.unsynced_commits()
+        own_redis.stop()
+        with caplog.at_level(logging.ERROR, logger="admission.lease"):
+            await leases.aclose(within_s=0.3)
+        lost = [r.getMessage() for r in caplog.records if "never recorded" in r.getMessage()]
+        assert len(lost) == 1, caplog.text
+        assert f"{unsent} commits ({unsent * 2} credits) of 1 projects" in lost[0]
+        assert f"{p}: {unsent} commits" in lost[0]
+    finally:
+        await client.aclose()
