@@ -1077,7 +1077,8 @@ class LeaseAdmitter:
         if lost:
             log.error(
                 "creditgate: Redis did not answer at shutdown: %d commits (%d credits) of %d "
-                "projects were never recorded and will not be charged: %s",
+                "projects are unconfirmed; those Redis did not apply (all of them unless a sync "
+                "sent before was still queued there) are never recorded nor charged: %s",
                 sum(n for _, n, _ in lost),
                 sum(c for _, _, c in lost),
                 len(lost),
