@@ -82,6 +82,9 @@ _MAX_LEASES = 100_000
 # requests' needs, but the fast path of other requests may spend it before a waiter runs;
 # only the last attempt denies without a reason from Redis (then: insufficient credits).
 _ATTEMPTS = 3
+# After a failed sync of a shard, requests the leases do not cover are decided at once by
+# their route's on_redis_down for this long; syncs of leases with work keep probing Redis.
+_REDIS_RETRY_S = 1.0
 
 
 class _Failure:
@@ -298,6 +301,10 @@ class LeaseAdmitter:
         self._prefix = "L" + secrets.token_hex(8)
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
+        # shard -> until when its Redis is taken as down (a sync of it failed): meanwhile a
+        # request the lease does not cover is decided by its route's on_redis_down at once,
+        # instead of each one waiting for a sync to time out.
+        self._shard_down_until: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._fills: set[asyncio.Task[None]] = set()
         self._rounds: set[asyncio.Task[int]] = set()
@@ -384,6 +391,15 @@ class LeaseAdmitter:
             return Decision(False, Reason.INVALID_REQUEST, project_id, detail=detail)
         if self._closed:
             return self._failed(spec.route, project_id, _Failure(None, "the gateway is stopping"))
+        if self._shard_down_until:
+            from admission import keys
+
+            down_until = self._shard_down_until.get(
+                keys.shard_of(project_id, self.policy.settings.shards)
+            )
+            if down_until is not None and self._now() < down_until:
+                detail = "a sync with this shard failed less than a second ago"
+                return self._failed(spec.route, project_id, _Failure(None, detail))
         self.stats.waited += 1
         for attempt in range(_ATTEMPTS):
             if self._closed:
@@ -783,11 +799,13 @@ class LeaseAdmitter:
             if isinstance(res, BaseException) or res is None:
                 self.stats.errors += 1
                 m.lease_errors.inc()
+                self._shard_down_until[op.shard] = self._now() + _REDIS_RETRY_S
                 lease.retry_op = op
                 self._resolve(lease, _Failure(None, repr(res)))
                 continue
             i = position.get(op.shard, 0)
             position[op.shard] = i + 1
+            self._shard_down_until.pop(op.shard, None)
             lease.retry_op = None
             try:
                 self._apply(lease, op, res[i])

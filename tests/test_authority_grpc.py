@@ -833,8 +833,12 @@ async def test_get_admission_snapshot(world: World) -> None:
 async def test_watch_rpc(world: World) -> None:
     w = world
     call = w.stub.Watch(pb.WatchRequest(project_ids=[w.a]), metadata=w.key_a)
+    # The opening heartbeat says the stream is live: a change before it would be missed
+    # (a stream without after_cursor starts from now).
+    opening = await next_watch_event(call, 5.0, skip_heartbeats=False)
+    assert opening.HasField("heartbeat")
     await w.stub.TopUp(pb.TopUpRequest(request_id="wt", project_id=w.a, amount=1), metadata=w.admin)
-    event = await next_watch_event(call)
+    event = await next_watch_event(call, 5.0)
     assert event.project_id == w.a and event.wallet.balance == 10_001
     call.cancel()
 

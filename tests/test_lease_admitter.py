@@ -503,3 +503,46 @@ async def test_shutdown_with_redis_away_retries_then_reports_what_is_lost(
         assert f"{p}: {unsent} commits" in lost[0]
     finally:
         await client.aclose()
+
+
+async def test_after_a_failed_sync_requests_are_decided_at_once_for_a_second(
+    policy: Policy, own_redis: RedisProcess
+) -> None:
+    """Redis gone: the first request the lease cannot cover waits for a sync, which fails. For
+    the next second, requests of that shard are decided by on_redis_down at once (no sync
+    each, no timeout each); after it, a request waits for a sync again (probing Redis)."""
+    from admission.redis_client import RedisSettings, build_client
+
+    client = build_client(RedisSettings(url=own_redis.url))
+    now = [1000.0]
+    try:
+        filler = DictFiller(client, shards=4)
+        engine = AdmissionEngine(client, policy, filler, gateway_id="gw-breaker")
+        leases = LeaseAdmitter(
+            engine.store,
+            policy,
+            filler,
+            route_problem=engine.route_problem,
+            clock=lambda: now[0],
+        )
+        leases.start()
+        work = route(policy, "work")
+        p = project(filler, snap=1000)
+        own_redis.stop()
+
+        first = await admit(leases, work, p)
+        assert not first.admitted and first.reason is Reason.UNAVAILABLE
+        waited, syncs = leases.stats.waited, leases.stats.syncs
+        for _ in range(5):
+            d = await admit(leases, work, p)
+            assert not d.admitted and d.reason is Reason.UNAVAILABLE
+            assert d.retry_after_seconds == policy.settings.unavailable_retry_after_seconds
+        assert (leases.stats.waited, leases.stats.syncs) == (waited, syncs)
+
+        now[0] += 1.01  # the shard is tried again
+        again = await admit(leases, work, p)
+        assert not again.admitted and again.reason is Reason.UNAVAILABLE
+        assert leases.stats.waited == waited + 1
+        await leases.aclose(within_s=0)
+    finally:
+        await client.aclose()
