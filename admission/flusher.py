@@ -199,6 +199,7 @@ class Flusher:
             self._groups_ready = False
             self._replay_from = {s: "0" for s in range(self.shards)}
             self._claim_from = {s: "0-0" for s in range(self.shards)}
+            self.poisoned.clear()  # ids of the lost streams
 
     async def ensure_groups(self) -> None:
         if self._groups_ready:
@@ -234,6 +235,17 @@ class Flusher:
 
         carry, self._carry = self._carry, []
         take(carry)
+        try:
+            await self._read_into(batch, take, block)
+        except BaseException:
+            # The batch is lost with this error: what it carried over goes back (after a
+            # Redis data loss the carried entries may be the only copy left).
+            carried = {id(e) for e in carry}
+            self._carry[:0] = [e for e in batch.entries if id(e) in carried]
+            raise
+        return batch
+
+    async def _read_into(self, batch: Batch, take: _Take, block: bool) -> None:
         order = [(self._rotation + i) % self.shards for i in range(self.shards)]
         self._rotation = (self._rotation + 1) % self.shards
         for shard in order:
@@ -267,7 +279,6 @@ class Flusher:
                 take(self._parse(shard, reply, batch))
         if not batch.entries and not batch.gone and block and self.block_ms > 0:
             await self._wait_for_new(take, batch)
-        return batch
 
     async def _read_own_pending(self, shard: int, batch: Batch, take: _Take) -> None:
         room = max(self.batch_size - len(batch), 1)

@@ -301,9 +301,11 @@ class IdentityResolver:
                 return found
             return await self._from_authority(digest, learnt, evictions)
         # Without our Watch stream a Redis mapping may outlive its revocation: ask the
-        # authority first, and fall back to Redis only when the authority cannot answer. An
-        # answer from Redis is kept locally like any other while the stream is down (at most
-        # disconnected_ttl_s): no revocation can reach us from an authority we cannot reach.
+        # authority first, and fall back to Redis only when the authority cannot answer. Once
+        # it could not, Redis answers alone for authority_retry_s (1 s), so that its timeout
+        # is paid once a second, not by every request. Such an answer is not kept locally: the
+        # first lookup after the second asks the authority again, so a revocation is still
+        # effective within 1 s (invariant 6), also when the authority came back meanwhile.
         if learnt >= self._authority_down_until:
             try:
                 return await self._from_authority(digest, learnt, evictions)
@@ -312,8 +314,6 @@ class IdentityResolver:
         found = await self._from_redis(digest)
         if found is None:
             raise AuthorityUnavailable("the authority is unreachable and Redis has no mapping")
-        if evictions == self._evictions:
-            self._remember(digest, found, learnt)
         return found
 
     async def _from_redis(self, digest: str) -> str | None:

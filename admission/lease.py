@@ -1074,17 +1074,26 @@ class LeaseAdmitter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within_s
         backoff = 0.05
-        while True:
-            await self.sync_round(closing=True)
-            if not self._leases and not self._retiring:
-                break
-            if loop.time() + backoff > deadline:
-                break
-            await asyncio.sleep(backoff)  # Redis away: try again, up to the deadline
-            backoff = min(backoff * 2, 0.5)
-        for lease in list(self._leases.values()):
-            self._resolve(lease, _Failure(None, "the gateway is stopping"))
-        self._report_lost()
+        try:
+            for attempt in itertools.count():
+                errors = self.stats.errors
+                await self.sync_round(closing=True)
+                if not self._leases and not self._retiring:
+                    break
+                # A second round may be needed (a sync already due goes first); beyond that,
+                # only a round that met a Redis failure is worth another try: a lease that
+                # cannot close for another reason (a hold never ended) would not close later.
+                failed = self.stats.errors != errors
+                if (attempt >= 1 and not failed) or loop.time() + backoff > deadline:
+                    break
+                if not failed:
+                    continue
+                await asyncio.sleep(backoff)  # Redis away: try again, up to the deadline
+                backoff = min(backoff * 2, 0.5)
+        finally:
+            for lease in list(self._leases.values()):
+                self._resolve(lease, _Failure(None, "the gateway is stopping"))
+            self._report_lost()
 
     def _report_lost(self) -> None:
         lost: list[tuple[str, int, int]] = []

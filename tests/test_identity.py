@@ -300,9 +300,42 @@ async def test_authority_down_costs_one_failed_call_per_retry_interval(
         assert await resolver.resolve(secrets_[1]) == projects[1]  # Redis straight away
         assert await resolver.identify({"X-Api-Key": unknown}, None) is Reason.UNAVAILABLE
         clock.now += 0.5
-        assert await resolver.resolve(secrets_[0]) == projects[0]  # kept locally
+        assert await resolver.resolve(secrets_[0]) == projects[0]  # Redis again, no timeout
         assert client.calls["ResolveApiKey"] == 1
 
-        clock.now += 0.6  # past authority_retry_s (and the 1 s local bound): asked again
+        clock.now += 0.6  # past authority_retry_s: the authority is asked again
         assert await resolver.resolve(secrets_[1]) == projects[1]
         assert client.calls["ResolveApiKey"] == 2
+
+
+async def test_a_key_revoked_while_the_authority_was_away_stops_within_1s(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    registry: CollectorRegistry,
+    clock: FakeMonotonic,
+    issued: tuple[str, pb.IssueApiKeyResponse],
+) -> None:
+    """Invariant 6 with the Watch stream down: the authority fails once (Redis answers for the
+    next second), the key is revoked meanwhile and the authority comes back. The Redis
+    mapping nobody deleted must not keep the key alive past one second."""
+    pid, key = issued
+    await rclient.set(keys.api_key(key_hash(key.secret)), pid)
+    other_secret, other_pid = "cg_" + secrets.token_urlsafe(32), new_project_id()
+    await rclient.set(keys.api_key(key_hash(other_secret)), other_pid)
+    down = AuthorityClientConfig(target=f"127.0.0.1:{free_port()}", token="t", timeout_s=0.5)
+    async with AuthorityClient(down) as unreachable:
+        away = IdentityResolver(rclient, unreachable, registry=registry, clock=clock)
+        # Another key's lookup finds the authority away: Redis answers for the next second.
+        assert await away.resolve(other_secret) == other_pid
+        await revoke_key(authority_stub, authority.config.admin_token, key.key.key_id)
+        clock.now += 0.9
+        assert await away.resolve(key.secret) == pid  # within the second: Redis still says so
+        # The authority is back (same resolver state, a reachable client).
+        up = AuthorityClientConfig(
+            target=authority.grpc_target, token=authority.config.admin_token, timeout_s=2.0
+        )
+        async with AuthorityClient(up) as reachable:
+            away.authority = reachable
+            clock.now += 0.2  # 1.1 s after the failure, 1.1 s after the revocation at most
+            assert await away.resolve(key.secret) is None

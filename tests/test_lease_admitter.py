@@ -546,3 +546,17 @@ async def test_after_a_failed_sync_requests_are_decided_at_once_for_a_second(
         await leases.aclose(within_s=0)
     finally:
         await client.aclose()
+
+
+async def test_shutdown_does_not_retry_a_lease_that_cannot_close_while_redis_answers(
+    gateways: Factory, policy: Policy, filler: DictFiller
+) -> None:
+    """A hold never ended keeps its lease from closing; Redis answers every sync, so retrying
+    until the deadline would only delay the shutdown: at most two closing rounds."""
+    leases = gateways()
+    p = project(filler, snap=1000)
+    d = await admit(leases, route(policy, "work"), p)
+    assert d.admitted and d.hold is not None  # never ended
+    rounds = leases.stats.syncs
+    await leases.aclose(within_s=60)
+    assert leases.stats.syncs - rounds <= 2
