@@ -6,6 +6,7 @@ anything unexpected -> INTERNAL with the traceback logged. Every rule lives in c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
+
+DRAIN_S = 10.0  # how long a refused client-streaming call may keep sending; see _drain
 
 
 def _token(context: Context) -> str | None:
@@ -189,7 +192,29 @@ class CreditServicer(pb_grpc.CreditServiceServicer):
     async def Import(
         self, request_iterator: AsyncIterator[pb.ExportRecord], context: Context
     ) -> pb.ImportResponse:
-        return await self._unary("Import", self._core.Import, request_iterator, context)
+        try:
+            principal = await self._core.authenticate(_token(context))
+            return await self._core.Import(request_iterator, principal)
+        except Exception as exc:  # every failure becomes a status
+            await _drain(request_iterator)
+            await _abort(context, exc, "Import")
+
+
+async def _drain(requests: AsyncIterator[Any]) -> None:
+    """Read the rest of a client stream that is being refused, for up to DRAIN_S seconds.
+
+    A grpc.aio client whose write is in flight when the server ends the call reports INTERNAL
+    ("execute_batch") instead of the server's status (grpc/grpc#36066). Reading the stream to
+    its end first lets the client half-close, so it sees the real code and message. The bound
+    keeps a client that never half-closes from holding the handler; past it, the status is
+    sent anyway.
+    """
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in requests:
+                pass
+    except (TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
+        pass
 
 
 def add_to_server(core: CreditCore, server: grpc.aio.Server) -> None:

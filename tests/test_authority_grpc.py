@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from creditservice import grpc_service
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from tests.fixtures_authority import (
@@ -988,15 +989,8 @@ async def test_export_import(world: World, tmp_path: Path) -> None:
             )
 
             # Keys migrate with the import (hashes only); a project key still is no admin.
-            # The credential is refused before any record is read: the calls send none, since
-            # a client still writing when the server ends the call may see INTERNAL
-            # ("execute_batch") instead of the server's status (a gRPC client-streaming race).
-            async def no_records() -> object:
-                return
-                yield
-
-            await expect_rpc_error(stub.Import(no_records(), metadata=w.key_a), DENIED, "admin")
-            await expect_rpc_error(stub.Import(no_records()), UNAUTH, "missing credential")
+            await expect_rpc_error(stub.Import(feed(), metadata=w.key_a), DENIED, "admin")
+            await expect_rpc_error(stub.Import(feed()), UNAUTH, "missing credential")
 
     async def drain(md: Md | None) -> None:
         async for _ in w.stub.Export(pb.ExportRequest(), metadata=md):
@@ -1010,6 +1004,72 @@ async def test_export_import(world: World, tmp_path: Path) -> None:
 
     await refused(w, w.stub.Import(one(), metadata=w.key_a), DENIED, "admin")
     await refused(w, w.stub.Import(one()), UNAUTH, "missing credential")
+
+
+async def test_import_refusal_reaches_a_client_still_sending(world: World, tmp_path: Path) -> None:
+    """A refused import reports its real status even while the client is still writing.
+
+    A server that ends a client-streaming call early makes grpc.aio's pending write fail, and
+    the client then sees INTERNAL ("execute_batch") instead of the server's status (grpc/grpc
+    #36066). The authority reads the rest of the stream before answering, so a long stream
+    refused at its first record, by its credential or at a bad record still gets its own code.
+    """
+    w = world
+    records = [r async for r in w.stub.Export(pb.ExportRequest(), metadata=w.admin)]
+    filler = records[1:-1] * 10  # records sent after the point of refusal
+
+    def feed(*head: pb.ExportRecord) -> AsyncIterator[pb.ExportRecord]:
+        async def gen() -> AsyncIterator[pb.ExportRecord]:
+            for r in (*head, *filler):
+                yield r
+
+        return gen()
+
+    # Without the drain, about one call in thirty failed: 300 calls all but never pass.
+    for _ in range(100):
+        # Not empty: refused before the first record is read.
+        await expect_rpc_error(
+            w.stub.Import(feed(records[0]), metadata=w.admin),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "empty",
+        )
+        await expect_rpc_error(w.stub.Import(feed(records[0]), metadata=w.key_a), DENIED, "admin")
+        await expect_rpc_error(w.stub.Import(feed(records[0])), UNAUTH, "missing credential")
+
+    # Empty, but a bad record early in the stream: the transaction is rolled back.
+    copy_db = f"sqlite:///{tmp_path / 'copy.db'}"
+    async with (
+        AuthorityServer(authority_config(copy_db)) as copy,
+        grpc.aio.insecure_channel(copy.grpc_target) as ch,
+    ):
+        stub = credit_stub(ch)
+        md = admin_md(copy.config.admin_token)
+        for _ in range(30):
+            await expect_rpc_error(
+                stub.Import(feed(records[0], records[0]), metadata=md),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "unexpected record",
+            )
+        listed = await stub.ListWallets(pb.ListWalletsRequest(), metadata=md)
+        assert not listed.wallets
+
+
+async def test_import_refusal_is_sent_to_a_client_that_never_half_closes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain is bounded: a refused client that keeps its stream open gets the status."""
+    monkeypatch.setattr(grpc_service, "DRAIN_S", 0.2)
+    w = world
+    header, *_ = [r async for r in w.stub.Export(pb.ExportRequest(), metadata=w.admin)]
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[pb.ExportRecord]:
+        yield header
+        await never.wait()
+
+    await expect_rpc_error(
+        w.stub.Import(stalled(), metadata=w.admin), grpc.StatusCode.FAILED_PRECONDITION, "empty"
+    )
 
 
 # ---------------------------------------------------------------- health, reflection
