@@ -16,7 +16,8 @@ What the lease protects, at every moment, in Redis (invariant 1):
 - rate: a unit is used only before its grant's expiry, at which it is stamped in the log.
 
 Requests whose needs the lease does not cover wait for the next sync (one per tick at most),
-then are decided from its reply. A denial is decided locally only from a reply younger than
+then are decided from its reply as it is applied, in arrival order, before any request that
+arrives later can spend the grant. A denial is decided locally only from a reply younger than
 one sync interval, so a denial storm costs one sync per interval, and a change at the
 authority (top-up, lifecycle) reaches decisions within the Watch latency plus one interval.
 
@@ -78,9 +79,11 @@ _HORIZON_INTERVALS = 3
 # figure yet; the script's half-of-what-is-left rule keeps it from starving other gateways).
 _MIN_BLOCK = 4
 _MAX_LEASES = 100_000
-# Syncs a request the lease does not cover may wait for. A sync's grant counts the waiting
-# requests' needs, but the fast path of other requests may spend it before a waiter runs;
-# only the last attempt denies without a reason from Redis (then: insufficient credits).
+# Syncs a request the lease does not cover may wait for. Waiters are decided when the reply
+# is applied, in arrival order, before any other request can spend the grant. A grant can
+# still fall short of them (requests of the fast path spent the kept part while the sync was
+# in flight, or they registered after it was sent): they wait for the next sync. Only the last
+# attempt denies without a reason from Redis (then: insufficient credits).
 _ATTEMPTS = 3
 # After a failed sync of a shard, requests the leases do not cover are decided at once by
 # their route's on_redis_down for this long; syncs of leases with work keep probing Redis.
@@ -204,8 +207,8 @@ class LocalLease:
         self.replied_at = -1.0
         self.used_at = now
         self.valid_until = -1.0  # loop time after which nothing leased may be used
-        # Requests waiting for the next sync, with what they need.
-        self.waiters: list[tuple[asyncio.Future[_Failure | None], _RouteSpec]] = []
+        # Requests waiting for the next sync: their answer, what they need, last attempt or not.
+        self.waiters: list[_Waiter] = []
 
     @property
     def idle(self) -> bool:
@@ -215,6 +218,12 @@ class LocalLease:
             and self.retry_op is None
             and all(q.inflight == 0 and q.used == 0 for q in self.quotas.values())
         )
+
+
+# A waiting request's answer: decided at the reply (Decision), to wait for another sync (None),
+# or a failure the request maps to a Decision.
+_Answer = Decision | _Failure | None
+_Waiter = tuple[asyncio.Future[_Answer], "_RouteSpec", bool]
 
 
 @dataclass(slots=True)
@@ -409,18 +418,23 @@ class LeaseAdmitter:
                 if qdef.name not in lease.quotas:
                     lease.quotas[qdef.name] = _Quota(qdef)
                     lease.views.clear()
-            fut: asyncio.Future[_Failure | None] = asyncio.get_running_loop().create_future()
-            lease.waiters.append((fut, spec))
+            fut: asyncio.Future[_Answer] = asyncio.get_running_loop().create_future()
+            lease.waiters.append((fut, spec, attempt == _ATTEMPTS - 1))
             self._wake.set()
-            failure = await fut
-            if failure is not None:
-                return self._failed(spec.route, project_id, failure)
-            now = self._now()
-            if lease.synced and now < lease.valid_until and not lease.closing:
-                decision = self._check(lease, spec, now, final=attempt == _ATTEMPTS - 1)
-                if decision is not None:
-                    return decision
-        # Unreachable in practice: the final check always decides.
+            try:
+                answer = await fut
+            except asyncio.CancelledError:
+                # Cancelled after the reply admitted it: what it took goes back to the lease.
+                if fut.done() and not fut.cancelled():
+                    late = fut.result()
+                    if isinstance(late, Decision) and late.hold is not None:
+                        self.end_local(late.hold, False, 0)
+                raise
+            if isinstance(answer, Decision):
+                return answer
+            if answer is not None:
+                return self._failed(spec.route, project_id, answer)
+        # Only when the gateway stops meanwhile, or the lease closed under every attempt.
         return self._failed(spec.route, project_id, _Failure(None, "lease unavailable"))
 
     def _lease(self, project_id: str) -> LocalLease:
@@ -452,7 +466,7 @@ class LeaseAdmitter:
         quotas = lease.quotas
         for q in quotas.values():
             q.need = q.need_sum = 0
-        for _, spec in lease.waiters:
+        for _, spec, _ in lease.waiters:
             route = spec.route
             cost = route.cost
             if cost > 0:
@@ -981,7 +995,7 @@ class LeaseAdmitter:
             return
         lease.synced = True
         lease.filled = False
-        self._resolve(lease, None)
+        self._decide_waiters(lease, now)
 
     async def _fill(self, lease: LocalLease) -> None:
         try:
@@ -1018,9 +1032,22 @@ class LeaseAdmitter:
 
     def _resolve(self, lease: LocalLease, failure: _Failure | None) -> None:
         waiters, lease.waiters = lease.waiters, []
-        for fut, _ in waiters:
+        for fut, _, _ in waiters:
             if not fut.done():
                 fut.set_result(failure)
+
+    def _decide_waiters(self, lease: LocalLease, now: float) -> None:
+        """Decide the waiting requests from the reply just applied, in arrival order.
+
+        Done here, before any other request runs, so the fast path cannot spend a grant that
+        was asked for the waiters. A waiter the reply does not decide waits for another sync.
+        """
+        waiters, lease.waiters = lease.waiters, []
+        usable = now < lease.valid_until and not lease.closing
+        for fut, spec, final in waiters:
+            if fut.done():  # its request was cancelled
+                continue
+            fut.set_result(self._check(lease, spec, now, final) if usable else None)
 
     def _forget(self, lease: LocalLease) -> None:
         self._retiring.pop(lease.lease_id, None)

@@ -560,3 +560,66 @@ async def test_shutdown_does_not_retry_a_lease_that_cannot_close_while_redis_ans
     rounds = leases.stats.syncs
     await leases.aclose(within_s=60)
     assert leases.stats.syncs - rounds <= 2
+
+
+async def test_a_sync_grant_goes_to_the_requests_that_waited_for_it(
+    gateways: Factory, policy: Policy, filler: DictFiller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests arriving as a reply is applied cannot take the grant its waiters asked for.
+
+    Each reply is followed at once, before the waiting request runs again, by other requests
+    that take whatever the lease has left. Waiters are decided when the reply is applied, so
+    the waiting request is admitted. When it was decided only once its task ran, it found the
+    lease empty after each of its three syncs and got 402 with 990 credits in the wallet.
+    """
+    leases = gateways()
+    tokens = route(policy, "tokens")
+    p = project(filler, snap=1000)
+    taken: list[Decision] = []
+    apply = leases._apply
+
+    def apply_then_others_arrive(lease: object, op: object, res: object) -> None:
+        apply(lease, op, res)  # type: ignore[arg-type]
+        for _ in range(1000):
+            other = leases.try_admit(tokens, p)
+            if other is None or not other.admitted:
+                break
+            taken.append(other)
+
+    monkeypatch.setattr(leases, "_apply", apply_then_others_arrive)
+    d = await leases.admit(tokens, p)
+    assert d.admitted, (d.reason, d.detail)
+    assert taken, "the other requests never ran in the window"
+    assert d.hold is not None
+    for other in [d, *taken]:
+        assert other.hold is not None
+        assert leases.end_local(other.hold, True, other.hold.amount) is None
+    await leases.aclose()
+
+
+async def test_a_waiter_cancelled_after_its_reply_gives_back_what_it_took(
+    gateways: Factory, policy: Policy, filler: DictFiller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request cancelled between being admitted at the reply and running again releases."""
+    leases = gateways()
+    work = route(policy, "work")
+    p = project(filler, snap=1000)
+    waiting: list[asyncio.Task[Decision]] = []
+    apply = leases._apply
+
+    def apply_then_cancel(lease: object, op: object, res: object) -> None:
+        apply(lease, op, res)  # type: ignore[arg-type]
+        if getattr(lease, "synced", False):  # not the first, COLD, reply: the waiter is decided
+            for task in waiting:
+                task.cancel()
+
+    monkeypatch.setattr(leases, "_apply", apply_then_cancel)
+    waiting.append(asyncio.create_task(leases.admit(work, p)))
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[0]
+    (lease,) = leases.leases
+    assert lease.synced, "the reply was applied"
+    assert lease.inflight == 0, "the cancelled request's credits went back to the lease"
+    assert all(q.inflight == 0 for q in lease.quotas.values()), "and its concurrency slot"
+    monkeypatch.setattr(leases, "_apply", apply)
+    await leases.aclose()
