@@ -10,6 +10,8 @@ import functools
 import itertools
 import re
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -43,6 +45,9 @@ from admission.store import (
 )
 
 _PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# After a shard's round trip failed, its admissions are decided by the route's on_redis_down at
+# once for this long, instead of each waiting for Redis's timeout; then one request probes.
+_REDIS_RETRY_S = 1.0
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -54,7 +59,8 @@ class EngineStats:
     admits: int = 0
     cold_fills: int = 0
     orphans_released: int = 0
-    redis_down: int = 0
+    redis_down: int = 0  # admissions decided by on_redis_down
+    skipped: int = 0  # of those, decided without trying Redis (the shard failed < 1 s ago)
 
     @property
     def round_trips(self) -> int:
@@ -79,8 +85,12 @@ class AdmissionEngine:
         filler: SnapshotFiller,
         *,
         gateway_id: str,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
+        self._clock = clock
+        # shard -> until when its admissions skip Redis (a round trip of it failed).
+        self._shard_down_until: dict[int, float] = {}
         self._filler = filler
         self._store = Store(redis, gateway_id=gateway_id)
         self._batcher = Batcher(self._store, self._orphaned)
@@ -193,8 +203,21 @@ class AdmissionEngine:
         """`req` may be a route's template: its project_id is not used, `project_id` is."""
         self.stats.admits += 1
         unavailable = self.policy.settings.unavailable_retry_after_seconds
+        down = self._shard_down_until
+        if down:
+            until = down.get(op.shard)
+            if until is not None:
+                now = self._clock()
+                if now < until:
+                    self.stats.skipped += 1
+                    detail = "a round trip to this shard failed less than a second ago"
+                    return self._redis_down(req, project_id, StoreUnavailable(detail))
+                # This request probes the shard; the others keep skipping it meanwhile.
+                down[op.shard] = now + _REDIS_RETRY_S
         try:
             res = await self._submit(op)
+            if down:
+                down.pop(op.shard, None)
             if res.status is AdmitStatus.COLD:
                 self.stats.cold_fills += 1
                 try:
@@ -210,6 +233,7 @@ class AdmissionEngine:
                     detail = "the project snapshot is still missing after a cache fill"
                     return _deny(req, project_id, Reason.UNAVAILABLE, unavailable, detail)
         except (StoreUnavailable, RedisError, OSError) as exc:
+            down[op.shard] = self._clock() + _REDIS_RETRY_S
             return self._redis_down(req, project_id, exc)
         return self._decision(req, op, res)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -439,6 +440,54 @@ async def test_redis_down_is_fast_unavailable_or_degraded(
     out = await engine.commit(d.hold)
     assert not out.ok and out.state == "UNAVAILABLE"
     assert engine.stats.redis_down == 4
+
+
+async def test_a_hung_shard_is_skipped_for_a_second_then_probed(
+    own_redis: OwnRedis, admission_policy: Policy
+) -> None:
+    """Redis hangs (SIGSTOP): the first admission waits for the client's timeout. For the next
+    second the shard's admissions are decided by on_redis_down without a round trip, instead
+    of each waiting 0.25 s; then one request probes, and once Redis answers it clears."""
+    now = [1000.0]
+    warm_filler = DictFiller(own_redis.patient)
+    warm = AdmissionEngine(own_redis.patient, admission_policy, warm_filler, gateway_id="gw-w")
+    p = project_with(warm_filler, snap=1000)
+    assert (await warm.admit(req(warm, "lenient", p))).admitted
+    client = own_redis.default
+    engine = AdmissionEngine(
+        client, admission_policy, warm_filler, gateway_id="gw-hang", clock=lambda: now[0]
+    )
+    own_redis.proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        first = await engine.admit(req(engine, "chat", p))
+        assert not first.admitted and first.reason is Reason.UNAVAILABLE
+        calls = engine.stats.script_calls
+        for _ in range(5):
+            d = await engine.admit(req(engine, "chat", p))
+            assert not d.admitted and d.reason is Reason.UNAVAILABLE
+            assert d.retry_after_seconds == 1 and "less than a second ago" in d.detail
+            lenient = await engine.admit(req(engine, "lenient", p))
+            assert lenient.admitted and lenient.degraded and lenient.hold is None
+        assert engine.stats.script_calls == calls, "no round trip to the failed shard"
+        assert engine.stats.skipped == 10 and engine.stats.redis_down == 11
+        # Other shards are still tried.
+        other = new_project()
+        while engine.shard_of(other) == engine.shard_of(p):
+            other = new_project()
+        await engine.admit(req(engine, "lenient", other))
+        assert engine.stats.script_calls == calls + 1
+    finally:
+        own_redis.proc.proc.send_signal(signal.SIGCONT)
+    # Redis answers again, but the shard is skipped until its second is over.
+    skipped = engine.stats.skipped
+    assert not (await engine.admit(req(engine, "chat", p))).admitted
+    assert engine.stats.skipped == skipped + 1
+    now[0] += 1.01
+    probe = await engine.admit(req(engine, "lenient", p))
+    assert probe.admitted and not probe.degraded and probe.hold is not None
+    again = await engine.admit(req(engine, "lenient", p))
+    assert again.admitted and not again.degraded
+    assert engine.stats.skipped == skipped + 1
 
 
 async def test_scripts_reloaded_after_script_flush(
