@@ -481,7 +481,10 @@ class Flusher:
                 return await self._isolate(batch)
             report = await self.ack(batch, reply)
         except BaseException:
-            # Nothing (more) is acknowledged: re-read own pending entries next time.
+            # Nothing (more) is acknowledged: the batch goes first into the next one (after a
+            # Redis data loss it may be the only copy; the authority ignores an event it has
+            # applied), and own pending entries are read again.
+            self._carry[:0] = batch.entries
             self._replay_all()
             raise
         if report.left_pending:
@@ -518,7 +521,8 @@ class Flusher:
         return acked
 
     def _replay_all(self) -> None:
-        self._carry = []
+        """Read own pending entries again from the start of every shard. The carried entries
+        stay: they are taken first, and a pending copy of one is skipped as already seen."""
         self._replay_from = {s: "0" for s in range(self.shards)}
 
     # ---------------------------------------------------------------- loops

@@ -193,6 +193,43 @@ async def test_authority_outage_admits_within_cache_then_backlog_then_settles(
             await srv.stop()
 
 
+async def test_a_batch_the_authority_refused_survives_a_redis_data_loss(
+    tmp_path: Path, rclient: aioredis.Redis
+) -> None:
+    """Settle fails (the authority is away), then Redis loses its data: the batch now exists
+    only in the flusher, which keeps it and settles it once the authority is back."""
+    cfg = authority_config(f"sqlite:///{tmp_path / 'loss.db'}")
+    registry = CollectorRegistry()
+    pid = new_project_id()
+    srv = AuthorityServer(cfg)
+    await srv.start()
+    target = srv.grpc_target
+    restarted: AuthorityServer | None = None
+    try:
+        async with grpc_stub(target) as stub:
+            await make_wallet(stub, cfg.admin_token, pid, balance=1000)
+        async with authority_client_for(srv) as client:
+            engine = build_engine(rclient, client, registry)
+            flusher = Flusher(rclient, client, shards=SHARDS, gateway_id="loss", registry=registry)
+            for amount in (3, 4):
+                assert (await engine.commit(await charge(engine, pid), amount)).ok
+            await srv.stop()
+            with pytest.raises(AuthorityUnavailable):
+                await flusher.flush_once()
+            await rclient.delete(keys.outbox(keys.shard_of(pid, SHARDS)))  # data lost
+            restarted = AuthorityServer(dataclasses.replace(cfg, grpc_listen=target))
+            await restarted.start()
+            await flusher.drain(15.0)
+            await engine.drain()
+        async with grpc_stub(target) as stub:
+            assert await ledger_usage(stub, cfg.admin_token, pid) == 7
+    finally:
+        if restarted is not None:
+            await restarted.stop()
+        with contextlib.suppress(Exception):
+            await srv.stop()
+
+
 async def test_dead_gateway_holds_expire_and_settle_as_expire_events(
     authority: AuthorityServer,
     authority_stub: pb_grpc.CreditServiceAsyncStub,

@@ -467,7 +467,7 @@ async def test_settling_resumes_after_redis_lost_the_consumer_group(
 
     await rclient.delete(stream)
     assert (await engine.commit(await charge(engine, pid), 5)).ok
-    assert await flusher.drain(10.0) == 1
+    await flusher.drain(10.0)  # settles it; its ack finds the entry gone with the old stream
     assert await ledger_usage(authority_stub, token, pid) == 12
 
 
@@ -479,3 +479,36 @@ async def wait_for_ledger(
             if await ledger_usage(stub, token, pid) == amount:
                 return
             await asyncio.sleep(0.02)  # polling the ledger, with a deadline
+
+
+async def test_entries_carried_over_survive_a_read_that_fails(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    """A read brings more entries than a batch takes: the surplus is carried to the next batch,
+    held only by this process once Redis loses its data. The next read then fails (NOGROUP);
+    the carried entries are kept for the read after it and reach the ledger."""
+    token = authority.config.admin_token
+    a = new_project_id()
+    b = new_project_id()
+    while keys.shard_of(b, SHARDS) == keys.shard_of(a, SHARDS):
+        b = new_project_id()
+    for pid in (a, b):
+        await make_wallet(authority_stub, token, pid, balance=1000)
+        for amount in (1, 2):
+            assert (await engine.commit(await charge(engine, pid), amount)).ok
+    flusher = flusher_for(rclient, auth_client, registry, batch_size=3)
+    assert await flusher.flush_once() == 3  # three of the four; one carried
+    for pid in (a, b):
+        await rclient.delete(keys.outbox(keys.shard_of(pid, SHARDS)))  # Redis lost its data
+    with pytest.raises(Exception, match="NOGROUP"):
+        await flusher.flush_once()
+    await flusher.drain(10.0)  # settles it; its ack finds the entry gone with the old stream
+    assert (
+        await ledger_usage(authority_stub, token, a) + await ledger_usage(authority_stub, token, b)
+        == 6
+    )
