@@ -155,6 +155,7 @@ class LocalLease:
         "filled",
         "free",
         "grace_until_ms",
+        "in_flight",
         "inflight",
         "lease_id",
         "low",
@@ -202,6 +203,7 @@ class LocalLease:
         self.filled = False  # a cache fill ran since the last COLD answer
         self.closing = False
         self.sending = False
+        self.in_flight: LeaseOp | None = None  # the sync on its way to Redis now
         self.retry_op: LeaseOp | None = None  # sent, outcome unknown: re-sent as is
         self.sent_at = now
         self.replied_at = -1.0
@@ -793,6 +795,7 @@ class LeaseAdmitter:
         by_shard: dict[int, list[LeaseOp]] = {}
         for lease, op in picked:
             lease.sending = True
+            lease.in_flight = op
             by_shard.setdefault(op.shard, []).append(op)
         self.stats.syncs += 1
         self.stats.ops += len(picked)
@@ -808,6 +811,7 @@ class LeaseAdmitter:
         position: dict[int, int] = {}
         for lease, op in picked:
             lease.sending = False
+            lease.in_flight = None
             res = results.get(op.shard)
             m.lease_ops.labels(op.kind).inc()
             if isinstance(res, BaseException) or res is None:
@@ -1142,13 +1146,17 @@ class LeaseAdmitter:
 
 def _unsent(lease: LocalLease) -> tuple[int, int]:
     """(commits, credits) a lease holds that Redis has not confirmed: recorded since the last
-    send, plus those of a sent sync whose outcome is unknown (re-sent as is)."""
+    send, those of the sync on its way now, and those of a sent sync whose outcome is unknown
+    (re-sent as is)."""
     count = credits = 0
     for amount, _held, n in lease.pending.values():
         count += n
         credits += amount
-    if lease.retry_op is not None:
-        for event in lease.retry_op.events:
+    ops = [] if lease.retry_op is None else [lease.retry_op]
+    if lease.in_flight is not None and lease.in_flight is not lease.retry_op:  # a re-send
+        ops.append(lease.in_flight)
+    for op in ops:
+        for event in op.events:
             count += event.count
             credits += event.amount
     return count, credits

@@ -212,7 +212,7 @@ class GatewayMetrics:
         self.settle_in_flight = Gauge(
             "creditgate_settle_in_flight",
             "Commits/releases started and not yet in Redis (lease mode: commits waiting for "
-            "their lease's next sync)",
+            "their lease's next sync, or in a sync not answered yet)",
             registry=registry,
             multiprocess_mode="livesum",
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -622,4 +623,30 @@ async def test_a_waiter_cancelled_after_its_reply_gives_back_what_it_took(
     assert lease.inflight == 0, "the cancelled request's credits went back to the lease"
     assert all(q.inflight == 0 for q in lease.quotas.values()), "and its concurrency slot"
     monkeypatch.setattr(leases, "_apply", apply)
+    await leases.aclose()
+
+
+async def test_unsynced_commits_include_a_sync_on_its_way(
+    gateways: Factory, policy: Policy, filler: DictFiller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits sent in a sync Redis has not answered yet are still counted as not in Redis."""
+    leases = gateways()
+    p = project(filler, snap=1000)
+    tokens = route(policy, "tokens")
+    d = await admit(leases, tokens, p)
+    assert d.hold is not None
+    assert leases.end_local(d.hold, True, 7) is None
+    assert leases.unsynced_commits() == 1
+    store = leases._store
+    run_leases = store.run_leases
+    seen: list[int] = []
+
+    async def observed(ops: Any) -> Any:
+        seen.append(leases.unsynced_commits())  # the sync is on its way now
+        return await run_leases(ops)
+
+    monkeypatch.setattr(store, "run_leases", observed)
+    await leases.sync_round(force=True)
+    assert seen == [1]
+    assert leases.unsynced_commits() == 0
     await leases.aclose()
