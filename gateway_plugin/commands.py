@@ -138,10 +138,20 @@ async def serve(
         await runner.cleanup()
 
 
-def _worker(opts: ServeOptions) -> None:
+def _worker(opts: ServeOptions, own_mp_dir: str | None) -> None:
+    """A worker of run_workers. `own_mp_dir`: the metrics directory the supervisor made (and
+    removes); when the supervisor died without removing it, the last worker out does."""
     parent = multiprocessing.parent_process()
     sentinel = parent.sentinel if parent is not None else None
-    asyncio.run(serve(opts, reuse_port=True, parent_sentinel=sentinel))
+    try:
+        asyncio.run(serve(opts, reuse_port=True, parent_sentinel=sentinel))
+    finally:
+        if own_mp_dir is not None and parent is not None and not parent.is_alive():
+            for mine in Path(own_mp_dir).glob(f"*_{os.getpid()}.db"):
+                with contextlib.suppress(OSError):
+                    mine.unlink()
+            with contextlib.suppress(OSError):
+                os.rmdir(own_mp_dir)  # fails while another worker's files are still there
 
 
 def run_workers(opts: ServeOptions) -> int:
@@ -155,7 +165,9 @@ def run_workers(opts: ServeOptions) -> int:
     # spawn, not fork: nothing (gRPC, Redis, the loop) is inherited from this process.
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker, args=(opts,), name=f"creditgate-worker-{i}")
+        ctx.Process(
+            target=_worker, args=(opts, mp_dir if own_dir else None), name=f"creditgate-worker-{i}"
+        )
         for i in range(opts.workers)
     ]
     stopping = False

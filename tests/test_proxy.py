@@ -463,13 +463,13 @@ async def serve_process(
     stderr: int | None = None,
     shutdown_timeout: float = 5,
 ) -> AsyncIterator[ServeProcess]:
-    """`stderr`: a descriptor for the processes' stderr instead of a file (then not read)."""
+    """`stderr`: a descriptor for the processes' stderr instead of a file (then not read). The
+    supervisor makes its metrics directory in tmp_path / "tmp" (TMPDIR)."""
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY, encoding="utf-8")
-    # A supervisor killed by the tests cannot remove its metrics directory: keep it in tmp_path.
-    metrics_dir = tmp_path / "prometheus"
-    metrics_dir.mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     # Files, not pipes: workers inherit the descriptors, and a pipe would outlive the parent.
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
     with out_path.open("wb") as out_file, err_path.open("wb") as err_file:
@@ -622,6 +622,8 @@ async def test_workers_stop_when_the_supervisor_is_killed(
                 await asyncio.sleep(0.05)  # polling the workers' exit, with a deadline
             if stderr == "file":
                 assert "supervisor gone, stopping" in serving.output()
+            # The supervisor could not remove its metrics directory: the last worker did.
+            assert not list((tmp_path / "tmp").glob("creditgate-prom-*"))
     finally:
         for fd in (read_end, write_end):
             if fd >= 0:
