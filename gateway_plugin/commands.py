@@ -113,10 +113,9 @@ async def serve(
     # A worker starts with these blocked (see run_workers); one sent early is delivered now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     app = _build_app(opts)
-    # aiohttp waits shutdown_timeout for a running handler, then cancels only the request's
-    # body and waits as long again before it cancels the handler: half each, so a request
-    # gets `--shutdown-timeout` in all, as documented, not twice that.
-    runner = web.AppRunner(app, shutdown_timeout=opts.shutdown_timeout / 2, access_log=None)
+    from gateway_plugin.proxy import app_runner
+
+    runner = app_runner(app, opts.shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, opts.host, opts.port, reuse_port=reuse_port or None)

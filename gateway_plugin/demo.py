@@ -24,7 +24,7 @@ from aiohttp import web
 
 from admission.policy import Policy, parse_policy
 from gateway_plugin.config import GatewayConfig
-from gateway_plugin.proxy import ProxyConfig, build_gateway_app
+from gateway_plugin.proxy import ProxyConfig, app_runner, build_gateway_app
 from gateway_plugin.redis_server import INSTALL_HINT, RedisServer, find_redis_server
 from gateway_plugin.sample_upstream import make_sample_upstream
 
@@ -259,7 +259,7 @@ async def _start_site(
     except OSError:
         sock.close()
         raise
-    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+    runner = app_runner(app, shutdown_timeout)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner, int(sock.getsockname()[1])

@@ -273,3 +273,12 @@ def build_gateway_app(
         proxy = dataclasses.replace(proxy, problem_type_base=config.problem_type_base)
     add_proxy(app, proxy)
     return app
+
+
+def app_runner(app: web.Application, shutdown_timeout: float) -> web.AppRunner:
+    """An AppRunner that gives a running request `shutdown_timeout` seconds in all at shutdown.
+
+    aiohttp waits shutdown_timeout for a running handler, then cancels only the request's body
+    and waits as long again before it cancels the handler: half each, not twice the total.
+    """
+    return web.AppRunner(app, shutdown_timeout=shutdown_timeout / 2, access_log=None)
