@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from admission import keys
 from admission.batcher import Batcher
@@ -204,6 +206,7 @@ class AdmissionEngine:
         self.stats.admits += 1
         unavailable = self.policy.settings.unavailable_retry_after_seconds
         down = self._shard_down_until
+        probe_until = None
         if down:
             until = down.get(op.shard)
             if until is not None:
@@ -213,7 +216,7 @@ class AdmissionEngine:
                     detail = "a round trip to this shard failed less than a second ago"
                     return self._redis_down(req, project_id, StoreUnavailable(detail))
                 # This request probes the shard; the others keep skipping it meanwhile.
-                down[op.shard] = now + _REDIS_RETRY_S
+                probe_until = down[op.shard] = now + _REDIS_RETRY_S
         try:
             res = await self._submit(op)
             if down:
@@ -233,8 +236,13 @@ class AdmissionEngine:
                     detail = "the project snapshot is still missing after a cache fill"
                     return _deny(req, project_id, Reason.UNAVAILABLE, unavailable, detail)
         except (StoreUnavailable, RedisError, OSError) as exc:
-            down[op.shard] = self._clock() + _REDIS_RETRY_S
+            if _unreachable(exc):  # not an error reply about this request's own data
+                down[op.shard] = self._clock() + _REDIS_RETRY_S
             return self._redis_down(req, project_id, exc)
+        except asyncio.CancelledError:
+            if probe_until is not None and down.get(op.shard) == probe_until:
+                down[op.shard] = 0.0  # the probe went away unanswered: the next request probes
+            raise
         return self._decision(req, op, res)
 
     async def _submit(self, op: AdmitOp) -> AdmitResult:
@@ -480,6 +488,13 @@ class AdmissionEngine:
             await self._batcher.drain()
             if self._background:
                 await asyncio.gather(*self._background, return_exceptions=True)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a failed round trip means the shard is unreachable or too slow (a connection
+    error or a timeout), rather than an error reply to one call, which came back at once."""
+    cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
+    return isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError)
 
 
 def _deny(

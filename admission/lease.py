@@ -1051,7 +1051,14 @@ class LeaseAdmitter:
         for fut, spec, final in waiters:
             if fut.done():  # its request was cancelled
                 continue
-            fut.set_result(self._check(lease, spec, now, final) if usable else None)
+            answer: _Answer = None
+            if usable:
+                try:
+                    answer = self._check(lease, spec, now, final)
+                except Exception:  # a bug: this request fails, the others are still decided
+                    log.exception("deciding a request of lease %s failed", lease.lease_id)
+                    answer = _Failure(None, "the lease reply could not be applied to it")
+            fut.set_result(answer)
 
     def _forget(self, lease: LocalLease) -> None:
         self._retiring.pop(lease.lease_id, None)

@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from creditservice.auth import bearer_token
 from creditservice.core import CreditCore
-from creditservice.errors import ServiceError
+from creditservice.errors import InvalidArgument, ServiceError
 from creditservice.principal import Principal
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
@@ -26,7 +27,10 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Context = Any  # grpc.aio.ServicerContext; grpc ships no type information
 
-DRAIN_S = 10.0  # how long a refused client-streaming call may keep sending; see _drain
+# How long a refused client-streaming call may keep sending (see _drain): an authenticated
+# caller, and one without a valid credential (kept short: anyone can open such a call).
+DRAIN_S = 10.0
+UNAUTHENTICATED_DRAIN_S = 1.0
 
 
 def _token(context: Context) -> str | None:
@@ -192,28 +196,32 @@ class CreditServicer(pb_grpc.CreditServiceServicer):
     async def Import(
         self, request_iterator: AsyncIterator[pb.ExportRecord], context: Context
     ) -> pb.ImportResponse:
+        principal: Principal | None = None
         try:
             principal = await self._core.authenticate(_token(context))
             return await self._core.Import(request_iterator, principal)
         except Exception as exc:  # every failure becomes a status
-            await _drain(request_iterator)
+            within_s = UNAUTHENTICATED_DRAIN_S if principal is None else DRAIN_S
+            await _drain(request_iterator, within_s)
+            if isinstance(exc, DecodeError):
+                exc = InvalidArgument(f"a record of the stream does not parse: {exc}")
             await _abort(context, exc, "Import")
 
 
-async def _drain(requests: AsyncIterator[Any]) -> None:
-    """Read the rest of a client stream that is being refused, for up to DRAIN_S seconds.
+async def _drain(requests: AsyncIterator[Any], within_s: float) -> None:
+    """Read the rest of a client stream that is being refused, for up to `within_s` seconds.
 
     A grpc.aio client whose write is in flight when the server ends the call reports INTERNAL
     ("execute_batch") instead of the server's status (grpc/grpc#36066). Reading the stream to
     its end first lets the client half-close, so it sees the real code and message. The bound
-    keeps a client that never half-closes from holding the handler; past it, the status is
-    sent anyway.
+    keeps a client that never half-closes from holding the handler; past it, or when the rest
+    cannot be read (a message that does not parse, the call gone), the status is sent anyway.
     """
     try:
-        async with asyncio.timeout(DRAIN_S):
+        async with asyncio.timeout(within_s):
             async for _ in requests:
                 pass
-    except (TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
+    except Exception:  # the refusal's own status is what the client must get
         pass
 
 

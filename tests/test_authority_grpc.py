@@ -1070,6 +1070,54 @@ async def test_import_refusal_is_sent_to_a_client_that_never_half_closes(
     await expect_rpc_error(
         w.stub.Import(stalled(), metadata=w.admin), grpc.StatusCode.FAILED_PRECONDITION, "empty"
     )
+    # A caller without a valid credential gets the short bound, not the authenticated one.
+    monkeypatch.setattr(grpc_service, "DRAIN_S", 600.0)
+    monkeypatch.setattr(grpc_service, "UNAUTHENTICATED_DRAIN_S", 0.2)
+    async with asyncio.timeout(60):
+        await expect_rpc_error(w.stub.Import(stalled()), UNAUTH, "missing credential")
+
+
+async def test_import_refusal_survives_a_message_that_does_not_parse(
+    world: World, tmp_path: Path
+) -> None:
+    """The rest of a refused stream may hold bytes that are no ExportRecord: the refusal's own
+    status still reaches the client (not UNKNOWN from the failed parse)."""
+    w = world
+    header = pb.ExportRecord(header=pb.ExportHeader(format_version=1)).SerializeToString()
+
+    def garbage() -> AsyncIterator[bytes]:
+        async def gen() -> AsyncIterator[bytes]:
+            yield header
+            yield b"\xff\xff\xff\xff"  # not a protobuf message
+
+        return gen()
+
+    async with grpc.aio.insecure_channel(w.srv.grpc_target) as ch:
+        raw_import = ch.stream_unary(
+            "/creditservice.v1.CreditService/Import",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.ImportResponse.FromString,
+        )
+        await expect_rpc_error(raw_import(garbage()), UNAUTH, "missing credential")
+        await expect_rpc_error(raw_import(garbage(), metadata=w.key_a), DENIED, "admin")
+        await expect_rpc_error(
+            raw_import(garbage(), metadata=w.admin), grpc.StatusCode.FAILED_PRECONDITION, "empty"
+        )
+    # Into an empty authority the bad message itself is the refusal.
+    copy_db = f"sqlite:///{tmp_path / 'copy.db'}"
+    async with (
+        AuthorityServer(authority_config(copy_db)) as copy,
+        grpc.aio.insecure_channel(copy.grpc_target) as ch,
+    ):
+        raw_import = ch.stream_unary(
+            "/creditservice.v1.CreditService/Import",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.ImportResponse.FromString,
+        )
+        md = admin_md(copy.config.admin_token)
+        await expect_rpc_error(
+            raw_import(garbage(), metadata=md), grpc.StatusCode.INVALID_ARGUMENT, "does not parse"
+        )
 
 
 # ---------------------------------------------------------------- health, reflection

@@ -476,6 +476,20 @@ async def test_a_hung_shard_is_skipped_for_a_second_then_probed(
             other = new_project()
         await engine.admit(req(engine, "lenient", other))
         assert engine.stats.script_calls == calls + 1
+        # A probe whose request goes away before Redis answers: the next request probes.
+        now[0] += 1.01
+        probe = asyncio.create_task(engine.admit(req(engine, "chat", p)))
+        async with asyncio.timeout(5):
+            while True:  # until the probe's round trip is on its way
+                if engine.stats.script_calls > calls + 1:
+                    break
+                await asyncio.sleep(0)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        skipped = engine.stats.skipped
+        await engine.admit(req(engine, "chat", p))
+        assert engine.stats.skipped == skipped and engine.stats.script_calls == calls + 3
     finally:
         own_redis.proc.proc.send_signal(signal.SIGCONT)
     # Redis answers again, but the shard is skipped until its second is over.
@@ -488,6 +502,28 @@ async def test_a_hung_shard_is_skipped_for_a_second_then_probed(
     again = await engine.admit(req(engine, "lenient", p))
     assert again.admitted and not again.degraded
     assert engine.stats.skipped == skipped + 1
+
+
+async def test_an_error_reply_about_one_project_does_not_skip_its_shard(
+    admission_engine: Engine, admission_redis: aioredis.Redis
+) -> None:
+    """A script error caused by one project's own keys came back at once: the shard answers,
+    so other projects of the shard are still decided by Redis."""
+    engine, filler = admission_engine
+    good = project_with(filler, snap=1000)
+    bad = project_with(filler, snap=1000)
+    while engine.shard_of(bad) != engine.shard_of(good):
+        bad = project_with(filler, snap=1000)
+    assert (await engine.admit(req(engine, "chat", bad))).admitted
+    wallet = keys.wallet(engine.shard_of(bad), bad)
+    await admission_redis.delete(wallet)
+    await admission_redis.set(wallet, "not a hash")  # this project's data is broken
+    broken = await engine.admit(req(engine, "chat", bad))
+    assert not broken.admitted and broken.reason is Reason.UNAVAILABLE
+    assert "WRONGTYPE" in broken.detail
+    fine = await engine.admit(req(engine, "chat", good))
+    assert fine.admitted and not fine.degraded and fine.hold is not None
+    assert engine.stats.skipped == 0
 
 
 async def test_scripts_reloaded_after_script_flush(

@@ -650,3 +650,32 @@ async def test_unsynced_commits_include_a_sync_on_its_way(
     assert seen == [1]
     assert leases.unsynced_commits() == 0
     await leases.aclose()
+
+
+async def test_a_failure_deciding_one_waiter_leaves_the_others_decided(
+    gateways: Factory, policy: Policy, filler: DictFiller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while deciding one waiting request at the reply fails that request only (by
+    on_redis_down); the other waiters are still decided, none is left waiting."""
+    leases = gateways()
+    work = route(policy, "work")
+    p = project(filler, snap=1000)
+    check = leases._check
+    calls = [0]
+
+    def first_check_fails(lease: Any, spec: Any, now: float, final: bool) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("a bug while deciding one request")
+        return check(lease, spec, now, final)
+
+    monkeypatch.setattr(leases, "_check", first_check_fails)
+    async with asyncio.timeout(10):
+        decisions = await asyncio.gather(*(leases.admit(work, p) for _ in range(3)))
+    assert [d.reason for d in decisions].count(Reason.UNAVAILABLE) == 1
+    assert sum(d.admitted for d in decisions) == 2
+    monkeypatch.setattr(leases, "_check", check)
+    for d in decisions:
+        if d.hold is not None:
+            leases.end_local(d.hold, False, 0)
+    await leases.aclose()
