@@ -25,7 +25,7 @@ from admission.decision import Reason
 from admission.engine import AdmissionEngine
 from admission.errors import AuthorityUnavailable
 from admission.flusher import Flusher
-from creditservice.server import AuthorityServer
+from creditservice.server import AuthorityConfig, AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_admission import authority_client_for
@@ -53,6 +53,36 @@ def build_engine(
         rclient, client, unsettled_limit=unsettled_limit, shards=SHARDS, registry=registry
     )
     return AdmissionEngine(rclient, policy, filler, gateway_id=gateway_id)
+
+
+@dataclasses.dataclass
+class StoppableAuthority:
+    """An authority on SQLite that a test stops (srv.stop()) and starts again on the same
+    address and database (restart())."""
+
+    cfg: AuthorityConfig
+    srv: AuthorityServer
+    target: str
+    restarted: AuthorityServer | None = None
+
+    async def restart(self) -> None:
+        self.restarted = AuthorityServer(dataclasses.replace(self.cfg, grpc_listen=self.target))
+        await self.restarted.start()
+
+
+@contextlib.asynccontextmanager
+async def stoppable_authority(db: Path) -> AsyncIterator[StoppableAuthority]:
+    cfg = authority_config(f"sqlite:///{db}")
+    srv = AuthorityServer(cfg)
+    await srv.start()
+    authority = StoppableAuthority(cfg, srv, srv.grpc_target)
+    try:
+        yield authority
+    finally:
+        if authority.restarted is not None:
+            await authority.restarted.stop()
+        with contextlib.suppress(Exception):
+            await srv.stop()
 
 
 async def test_flusher_dies_between_authority_apply_and_xack(
@@ -142,17 +172,13 @@ async def test_authority_outage_admits_within_cache_then_backlog_then_settles(
     tmp_path: Path,
     rclient: aioredis.Redis,
 ) -> None:
-    cfg = authority_config(f"sqlite:///{tmp_path / 'outage.db'}")
     registry = CollectorRegistry()
     pid = new_project_id()
-    srv = AuthorityServer(cfg)
-    await srv.start()
-    target = srv.grpc_target
-    restarted: AuthorityServer | None = None
-    try:
+    async with stoppable_authority(tmp_path / "outage.db") as authority:
+        token, target = authority.cfg.admin_token, authority.target
         async with grpc_stub(target) as stub:
-            await make_wallet(stub, cfg.admin_token, pid, balance=1000)
-        async with authority_client_for(srv) as client:
+            await make_wallet(stub, token, pid, balance=1000)
+        async with authority_client_for(authority.srv) as client:
             engine = build_engine(rclient, client, registry, unsettled_limit=50)
             flusher = Flusher(
                 rclient, client, shards=SHARDS, gateway_id="outage", registry=registry
@@ -161,7 +187,7 @@ async def test_authority_outage_admits_within_cache_then_backlog_then_settles(
             assert await drain_all(flusher) == 1
             committed = 10
 
-            await srv.stop()  # the authority goes away
+            await authority.srv.stop()  # the authority goes away
             for _ in range(5):
                 assert (await engine.commit(await charge(engine, pid), 10)).ok
                 committed += 10
@@ -174,8 +200,7 @@ async def test_authority_outage_admits_within_cache_then_backlog_then_settles(
                 await flusher.flush_once()
             assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 50  # nothing acked
 
-            restarted = AuthorityServer(dataclasses.replace(cfg, grpc_listen=target))
-            await restarted.start()
+            await authority.restart()
             assert await _flush_until_settled(flusher, 15.0) == 5
             hash_ = await wallet_hash(rclient, pid)
             assert hash_[keys.W_UNSETTLED] == 0 and hash_[keys.W_SNAPSHOT] == 1000 - committed
@@ -185,12 +210,7 @@ async def test_authority_outage_admits_within_cache_then_backlog_then_settles(
             assert await drain_all(flusher) == 1
             await engine.drain()
         async with grpc_stub(target) as stub:
-            assert await ledger_usage(stub, cfg.admin_token, pid) == committed
-    finally:
-        if restarted is not None:
-            await restarted.stop()
-        with contextlib.suppress(Exception):
-            await srv.stop()
+            assert await ledger_usage(stub, token, pid) == committed
 
 
 async def test_a_batch_the_authority_refused_survives_a_redis_data_loss(
@@ -198,36 +218,26 @@ async def test_a_batch_the_authority_refused_survives_a_redis_data_loss(
 ) -> None:
     """Settle fails (the authority is away), then Redis loses its data: the batch now exists
     only in the flusher, which keeps it and settles it once the authority is back."""
-    cfg = authority_config(f"sqlite:///{tmp_path / 'loss.db'}")
     registry = CollectorRegistry()
     pid = new_project_id()
-    srv = AuthorityServer(cfg)
-    await srv.start()
-    target = srv.grpc_target
-    restarted: AuthorityServer | None = None
-    try:
+    async with stoppable_authority(tmp_path / "loss.db") as authority:
+        token, target = authority.cfg.admin_token, authority.target
         async with grpc_stub(target) as stub:
-            await make_wallet(stub, cfg.admin_token, pid, balance=1000)
-        async with authority_client_for(srv) as client:
+            await make_wallet(stub, token, pid, balance=1000)
+        async with authority_client_for(authority.srv) as client:
             engine = build_engine(rclient, client, registry)
             flusher = Flusher(rclient, client, shards=SHARDS, gateway_id="loss", registry=registry)
             for amount in (3, 4):
                 assert (await engine.commit(await charge(engine, pid), amount)).ok
-            await srv.stop()
+            await authority.srv.stop()
             with pytest.raises(AuthorityUnavailable):
                 await flusher.flush_once()
             await rclient.delete(keys.outbox(keys.shard_of(pid, SHARDS)))  # data lost
-            restarted = AuthorityServer(dataclasses.replace(cfg, grpc_listen=target))
-            await restarted.start()
+            await authority.restart()
             await flusher.drain(15.0)
             await engine.drain()
         async with grpc_stub(target) as stub:
-            assert await ledger_usage(stub, cfg.admin_token, pid) == 7
-    finally:
-        if restarted is not None:
-            await restarted.stop()
-        with contextlib.suppress(Exception):
-            await srv.stop()
+            assert await ledger_usage(stub, token, pid) == 7
 
 
 async def test_dead_gateway_holds_expire_and_settle_as_expire_events(
