@@ -14,9 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from admission import keys
 from admission.batcher import Batcher
@@ -27,7 +25,12 @@ from admission.decision import (
     Reason,
     SettleOutcome,
 )
-from admission.errors import AuthorityUnavailable, StoreUnavailable
+from admission.errors import (
+    REDIS_RETRY_S,
+    AuthorityUnavailable,
+    StoreUnavailable,
+    redis_unreachable,
+)
 from admission.policy import MAX_AMOUNT, Policy, QuotaDef, Route
 from admission.ports import SnapshotFiller
 from admission.store import (
@@ -47,9 +50,6 @@ from admission.store import (
 )
 
 _PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-# After a shard's round trip failed, its admissions are decided by the route's on_redis_down at
-# once for this long, instead of each waiting for Redis's timeout; then one request probes.
-_REDIS_RETRY_S = 1.0
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -216,7 +216,7 @@ class AdmissionEngine:
                     detail = "a round trip to this shard failed less than a second ago"
                     return self._redis_down(req, project_id, StoreUnavailable(detail))
                 # This request probes the shard; the others keep skipping it meanwhile.
-                probe_until = down[op.shard] = now + _REDIS_RETRY_S
+                probe_until = down[op.shard] = now + REDIS_RETRY_S
         try:
             res = await self._submit(op)
             if down:
@@ -236,8 +236,8 @@ class AdmissionEngine:
                     detail = "the project snapshot is still missing after a cache fill"
                     return _deny(req, project_id, Reason.UNAVAILABLE, unavailable, detail)
         except (StoreUnavailable, RedisError, OSError) as exc:
-            if _unreachable(exc):  # not an error reply about this request's own data
-                down[op.shard] = self._clock() + _REDIS_RETRY_S
+            if redis_unreachable(exc):  # not an error reply about this request's own data
+                down[op.shard] = self._clock() + REDIS_RETRY_S
             return self._redis_down(req, project_id, exc)
         except asyncio.CancelledError:
             if probe_until is not None and down.get(op.shard) == probe_until:
@@ -488,13 +488,6 @@ class AdmissionEngine:
             await self._batcher.drain()
             if self._background:
                 await asyncio.gather(*self._background, return_exceptions=True)
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """Whether a failed round trip means the shard is unreachable or too slow (a connection
-    error or a timeout), rather than an error reply to one call, which came back at once."""
-    cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
-    return isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError)
 
 
 def _deny(

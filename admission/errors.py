@@ -8,6 +8,13 @@ AdmissionError
 
 from __future__ import annotations
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# After a round trip to a shard failed (see redis_unreachable), requests that would need Redis
+# are decided by their route's on_redis_down at once for this long; then Redis is tried again.
+REDIS_RETRY_S = 1.0
+
 
 class AdmissionError(Exception):
     """Base of every error raised by the admission package."""
@@ -29,3 +36,10 @@ class StoreUnavailable(AdmissionError):
 
 class AuthorityUnavailable(AdmissionError):
     """The authority could not be reached or did not answer before the deadline."""
+
+
+def redis_unreachable(exc: BaseException) -> bool:
+    """Whether a failed round trip means the shard is unreachable or too slow (a connection
+    error or a timeout), rather than an error reply to a call, which came back at once."""
+    cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
+    return isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError)

@@ -52,7 +52,7 @@ from admission.decision import (
     WalletState,
     quota_statuses,
 )
-from admission.errors import AuthorityUnavailable
+from admission.errors import REDIS_RETRY_S, AuthorityUnavailable, redis_unreachable
 from admission.metrics import authority_metrics
 from admission.policy import MAX_AMOUNT, Policy, QuotaDef, Route
 from admission.ports import SnapshotFiller
@@ -85,9 +85,6 @@ _MAX_LEASES = 100_000
 # in flight, or they registered after it was sent): they wait for the next sync. Only the last
 # attempt denies without a reason from Redis (then: insufficient credits).
 _ATTEMPTS = 3
-# After a failed sync of a shard, requests the leases do not cover are decided at once by
-# their route's on_redis_down for this long; syncs of leases with work keep probing Redis.
-_REDIS_RETRY_S = 1.0
 
 
 class _Failure:
@@ -817,7 +814,10 @@ class LeaseAdmitter:
             if isinstance(res, BaseException) or res is None:
                 self.stats.errors += 1
                 m.lease_errors.inc()
-                self._shard_down_until[op.shard] = self._now() + _REDIS_RETRY_S
+                if res is None or redis_unreachable(res):
+                    # Requests the leases do not cover are decided at once by on_redis_down
+                    # for a while; syncs of leases with work keep probing Redis meanwhile.
+                    self._shard_down_until[op.shard] = self._now() + REDIS_RETRY_S
                 lease.retry_op = op
                 self._resolve(lease, _Failure(None, repr(res)))
                 continue
