@@ -274,7 +274,7 @@ async def _main(opts: DemoOptions) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: terminal closed
         loop.add_signal_handler(sig, stop.set)
     state = opts.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)

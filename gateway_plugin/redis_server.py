@@ -56,8 +56,16 @@ def find_redis_server() -> str | None:
     return shutil.which("redis-server")
 
 
-def start_redis_server(workdir: Path, *, deadline_s: float = 10.0) -> RedisServer:
-    """Start redis-server on a free port and return once it accepts connections."""
+def die_with_parent() -> list[str]:
+    """A command prefix that makes the child get SIGTERM when the thread that started it ends
+    (util-linux `setpriv --pdeathsig`), so that a parent killed with SIGKILL leaves no
+    redis-server behind; empty when setpriv is missing. Start the child from a thread that
+    lives as long as the process (the main thread), not from a worker thread."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+
+
+def _spawn(workdir: Path) -> RedisServer:
     binary = find_redis_server()
     if binary is None:
         raise RedisServerError(INSTALL_HINT)
@@ -65,6 +73,7 @@ def start_redis_server(workdir: Path, *, deadline_s: float = 10.0) -> RedisServe
     port = free_port()
     proc = subprocess.Popen(
         [
+            *die_with_parent(),
             binary,
             "--port",
             str(port),
@@ -86,7 +95,11 @@ def start_redis_server(workdir: Path, *, deadline_s: float = 10.0) -> RedisServe
         # the gateway has drained and the flusher has settled the outbox.
         start_new_session=True,
     )
-    server = RedisServer(port, proc)
+    return RedisServer(port, proc)
+
+
+def _wait_listening(server: RedisServer, workdir: Path, deadline_s: float) -> None:
+    proc, port = server.proc, server.port
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         if proc.poll() is not None:
@@ -94,11 +107,26 @@ def start_redis_server(workdir: Path, *, deadline_s: float = 10.0) -> RedisServe
                 f"redis-server exited with {proc.returncode}; see {workdir / 'redis.log'}"
             )
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return server
+            return
         time.sleep(0.01)  # polling the port with a deadline
     server.stop()
     raise RedisServerError(f"redis-server did not listen on 127.0.0.1:{port} in {deadline_s}s")
 
 
-async def start_redis_server_async(workdir: Path) -> RedisServer:
-    return await asyncio.to_thread(start_redis_server, workdir)
+def start_redis_server(workdir: Path, *, deadline_s: float = 10.0) -> RedisServer:
+    """Start redis-server on a free port and return once it accepts connections."""
+    server = _spawn(workdir)
+    _wait_listening(server, workdir, deadline_s)
+    return server
+
+
+async def start_redis_server_async(workdir: Path, *, deadline_s: float = 10.0) -> RedisServer:
+    """start_redis_server for the event loop: started from the loop's thread (see
+    die_with_parent), waited for in a worker thread."""
+    server = _spawn(workdir)
+    try:
+        await asyncio.to_thread(_wait_listening, server, workdir, deadline_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server

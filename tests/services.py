@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway_plugin.redis_server import die_with_parent
+
 REDIS_SERVER = os.environ.get("REDIS_SERVER_BIN", "redis-server")
 REDIS_CLI = os.environ.get("REDIS_CLI_BIN", "redis-cli")
 
@@ -104,6 +106,8 @@ def start_redis(*extra: str, workdir: Path | None = None, cluster: bool = False)
     wd = workdir or Path(tempfile.mkdtemp(prefix="cg-redis-"))
     proc = subprocess.Popen(
         [
+            # A test process killed before stop() leaves no redis-server behind.
+            *die_with_parent(),
             binary,
             "--port",
             str(port),

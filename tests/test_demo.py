@@ -7,8 +7,11 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from gateway_plugin.demo import curl_lines
 
@@ -26,11 +29,21 @@ def redis_pid(output: str) -> int:
 
 
 def gone(pid: int) -> bool:
+    """Not running: no such process, or a zombie nobody has reaped yet (orphans go to pid 1)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return True
-    return False
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def wait_gone(pid: int, within_s: float = 10.0) -> bool:
+    end = time.monotonic() + within_s
+    while not gone(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)  # polling the process table, with a deadline
+    return True
 
 
 def gateway_base(output: str) -> str:
@@ -90,29 +103,38 @@ def test_demo_runs_the_three_requests_and_leaves_nothing_running(tmp_path: Path)
     assert gone(redis_pid(second.stdout))
 
 
-def test_sigint_stops_everything(tmp_path: Path) -> None:
+def start_demo(state: Path) -> tuple[subprocess.Popen[str], str]:
+    """The demo running until it printed "ready"; its process and output so far."""
     proc = subprocess.Popen(
-        [*CLI, "--state-dir", str(tmp_path / "s"), "--port", "0"],
+        [*CLI, "--state-dir", str(state), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=demo_env(),
     )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # blocks per line; the test timeout bounds it
+        lines.append(line)
+        if line.strip() == "ready":
+            break
+    return proc, "".join(lines)
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["INT", "TERM", "HUP"]
+)
+def test_a_stop_signal_stops_everything(tmp_path: Path, signum: signal.Signals) -> None:
+    """Ctrl-C, a service manager's SIGTERM, or the terminal closing (SIGHUP)."""
+    proc, out = start_demo(tmp_path / "s")
     try:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:  # blocks per line; the test timeout bounds it
-            lines.append(line)
-            if line.strip() == "ready":
-                break
-        out = "".join(lines)
         base, secret = gateway_base(out), api_key(out)
         req = urllib.request.Request(
             base + "/v1/hello", headers={"Authorization": f"Bearer {secret}"}
         )
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 200
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         rest, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -121,6 +143,17 @@ def test_sigint_stops_everything(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "stopped" in rest
     assert gone(redis_pid(out))
+
+
+def test_a_killed_demo_leaves_no_redis_server(tmp_path: Path) -> None:
+    """SIGKILL gives the demo no chance to stop its Redis: the child is told by the kernel."""
+    proc, out = start_demo(tmp_path / "s")
+    proc.kill()
+    proc.communicate(timeout=30)
+    pid = redis_pid(out)
+    if not wait_gone(pid):
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("redis-server outlived the killed demo")
 
 
 def test_missing_redis_server_binary(tmp_path: Path) -> None:
