@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything creditgate and its tests need on a fresh Debian/Ubuntu machine:
-# redis-server, Chromium (dashboard browser test), PostgreSQL when none answers, the Python package.
+# redis-server, Chromium (dashboard browser test), setpriv, PostgreSQL when none answers, the
+# Python package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -12,6 +13,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v setpriv >/dev/null || missing+=(util-linux)  # Redis children die with their parent
 
 pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
 if [ -z "${CREDITGATE_TEST_PG_DSN:-}" ] && ! pg_up; then
