@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityRequestFailed
@@ -497,7 +497,12 @@ class Reconciler:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.run_once()
-            except (AuthorityUnavailable, AuthorityRequestFailed, RedisError) as err:
+            except (
+                AuthorityUnavailable,
+                AuthorityRequestFailed,
+                RedisError,
+                RedisClusterException,
+            ) as err:
                 honour_cancellation()
                 log.warning("reconcile pass failed: %r", err)
 

@@ -8,6 +8,7 @@ AdmissionError
 
 from __future__ import annotations
 
+from redis.exceptions import ClusterError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -38,8 +39,27 @@ class AuthorityUnavailable(AdmissionError):
     """The authority could not be reached or did not answer before the deadline."""
 
 
+# Redis did not answer, or a cluster cannot serve the slot (CLUSTERDOWN, MASTERDOWN, a slot
+# without a node, the client's redirections exhausted): redis-py may spend a timeout on each.
+_UNREACHABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterError,
+    RedisClusterException,
+    OSError,
+    TimeoutError,
+)
+
+
 def redis_unreachable(exc: BaseException) -> bool:
-    """Whether a failed round trip means the shard is unreachable or too slow (a connection
-    error or a timeout), rather than an error reply to a call, which came back at once."""
-    cause = exc.__cause__ if isinstance(exc, StoreUnavailable) else exc
-    return isinstance(cause, RedisConnectionError | RedisTimeoutError | OSError | TimeoutError)
+    """Whether a failed round trip means the shard is unreachable or too slow, rather than an
+    error reply to a call, which came back at once (WRONGTYPE, OOM, READONLY, a script error).
+    The exception's __cause__ chain is searched: StoreUnavailable wraps what redis-py raised."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, _UNREACHABLE):
+            return True
+        seen = seen.__cause__
+    return False

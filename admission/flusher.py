@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityRequestFailed
@@ -559,7 +559,12 @@ class Flusher:
                         # A part batch: let the outbox fill a little, so that each Settle
                         # and ack carries more events (the lag stays far below 1 s).
                         await self._pause(self.linger_ms / 1000)
-                except (AuthorityUnavailable, AuthorityRequestFailed, RedisError) as err:
+                except (
+                    AuthorityUnavailable,
+                    AuthorityRequestFailed,
+                    RedisError,
+                    RedisClusterException,
+                ) as err:
                     honour_cancellation()
                     self._after_redis_error(err)
                     log.warning("flush failed, retrying in %.2fs: %r", backoff, err)

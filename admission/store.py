@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from admission import keys
 from admission.decision import QuotaKind, QuotaStatus, Reason, WalletState
@@ -765,7 +765,7 @@ class Store:
                 await client.script_load(script.script)
                 self.stats.script_loads += 1
                 return await client.evalsha(script.sha, len(ks), *ks, *args)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             self.stats.errors += 1
             err = StoreUnavailable(f"redis: {exc!r}")
             err.__cause__ = exc

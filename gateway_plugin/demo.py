@@ -266,7 +266,13 @@ async def _start_site(
 
 
 def _say(text: str = "") -> None:
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except OSError:
+        # The terminal is gone (closed: SIGHUP, EIO) or the pipe's reader left: the demo must
+        # still stop in order, so it goes on without an output.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - replaces stdout until exit
 
 
 async def _main(opts: DemoOptions) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shutil
 import socket
 import subprocess
@@ -56,13 +57,23 @@ def find_redis_server() -> str | None:
     return shutil.which("redis-server")
 
 
-def die_with_parent() -> list[str]:
-    """A command prefix that makes the child get SIGTERM when the thread that started it ends
+@functools.cache
+def die_with_parent() -> tuple[str, ...]:
+    """A command prefix that makes the child get SIGKILL when the thread that started it ends
     (util-linux `setpriv --pdeathsig`), so that a parent killed with SIGKILL leaves no
-    redis-server behind; empty when setpriv is missing. Start the child from a thread that
-    lives as long as the process (the main thread), not from a worker thread."""
+    redis-server behind (KILL, not TERM: it also ends a Redis stopped with SIGSTOP; nothing
+    is persisted anyway). Empty when setpriv is missing or cannot do it (util-linux before
+    2.33, busybox): checked once by running it. Start the child from a thread that lives as
+    long as the process (the main thread), not from a worker thread."""
     setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
+    if setpriv is None:
+        return ()
+    prefix = (setpriv, "--pdeathsig", "KILL")
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return prefix if probe.returncode == 0 else ()
 
 
 def _spawn(workdir: Path) -> RedisServer:

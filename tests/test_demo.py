@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway_plugin.demo import curl_lines
+from gateway_plugin.redis_server import die_with_parent
 
 CLI = [sys.executable, "-m", "gateway_plugin.cli", "demo"]
 
@@ -145,14 +147,50 @@ def test_a_stop_signal_stops_everything(tmp_path: Path, signum: signal.Signals) 
     assert gone(redis_pid(out))
 
 
+def test_a_closed_terminal_still_stops_everything_in_order(tmp_path: Path) -> None:
+    """The terminal goes away before the hang-up: the demo's next line of output fails
+    (EIO on a tty, EPIPE on a pipe). It must still drain the gateway and settle the outbox
+    before it stops Redis: the request made before reaches the ledger."""
+    state = tmp_path / "s"
+    proc, out = start_demo(state)
+    try:
+        base, secret = gateway_base(out), api_key(out)
+        req = urllib.request.Request(
+            base + "/v1/hello", headers={"Authorization": f"Bearer {secret}"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader of the demo's output is gone
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stderr is not None
+        with proc.stderr:
+            err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert wait_gone(redis_pid(out))
+    balance = re.search(r"balance (\d+) credits", out)
+    again = run_demo(state, "--exit-after", "0")
+    balance_after = re.search(r"balance (\d+) credits", again.stdout)
+    assert balance and balance_after, again.stdout + again.stderr
+    assert int(balance_after.group(1)) == int(balance.group(1)) - 1  # /v1/hello costs 1
+
+
 def test_a_killed_demo_leaves_no_redis_server(tmp_path: Path) -> None:
     """SIGKILL gives the demo no chance to stop its Redis: the child is told by the kernel."""
+    assert die_with_parent(), "setpriv --pdeathsig missing: install util-linux (bootstrap.sh)"
     proc, out = start_demo(tmp_path / "s")
     proc.kill()
     proc.communicate(timeout=30)
     pid = redis_pid(out)
     if not wait_gone(pid):
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         raise AssertionError("redis-server outlived the killed demo")
 
 

@@ -540,3 +540,41 @@ async def test_scripts_reloaded_after_script_flush(
     assert d.admitted and d.hold is not None
     assert (await engine.commit(d.hold)).ok
     assert engine.stats.store.script_loads > loads
+
+
+def test_what_counts_as_redis_unreachable() -> None:
+    """Connection errors, timeouts and a cluster that cannot serve the slot mark a shard down
+    (redis-py may spend a timeout on each); error replies about a call do not."""
+    from redis import exceptions as rx
+
+    from admission.errors import StoreUnavailable, redis_unreachable
+
+    def wrapped(cause: BaseException) -> StoreUnavailable:
+        err = StoreUnavailable(f"redis: {cause!r}")
+        err.__cause__ = cause
+        return err
+
+    cluster_down = rx.RedisClusterException("all nodes down")
+    cluster_down.__cause__ = rx.ConnectionError("refused")
+    unreachable = [
+        rx.ConnectionError("refused"),
+        rx.TimeoutError("timeout"),
+        ConnectionRefusedError(),
+        TimeoutError(),
+        rx.ClusterDownError("CLUSTERDOWN"),
+        rx.MasterDownError("MASTERDOWN"),
+        rx.SlotNotCoveredError("slot 7 is not covered"),
+        rx.ClusterError("TTL exhausted."),
+        cluster_down,
+    ]
+    answered = [
+        rx.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+        rx.ResponseError("OOM command not allowed"),
+        rx.ReadOnlyError("READONLY"),
+        rx.NoScriptError("NOSCRIPT"),
+        StoreUnavailable("lease.lua answered 1 of 2"),
+    ]
+    for exc in unreachable:
+        assert redis_unreachable(exc) and redis_unreachable(wrapped(exc)), repr(exc)
+    for exc in answered:
+        assert not redis_unreachable(exc) and not redis_unreachable(wrapped(exc)), repr(exc)

@@ -679,3 +679,32 @@ async def test_a_failure_deciding_one_waiter_leaves_the_others_decided(
         if d.hold is not None:
             leases.end_local(d.hold, False, 0)
     await leases.aclose()
+
+
+async def test_an_error_reply_does_not_mark_the_shard_down(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    """A sync that fails with an error reply about one project's keys came back at once: the
+    shard answers, so other projects' requests on it still wait for a sync instead of being
+    decided by on_redis_down without one."""
+    work = route(policy, "work")
+    bad = project(filler, snap=1000)
+    good = project(filler, snap=1000)
+    while keys.shard_of(good, 4) != keys.shard_of(bad, 4):
+        good = project(filler, snap=1000)
+    warm = gateways()
+    d = await admit(warm, work, bad)
+    assert d.admitted and d.hold is not None
+    warm.end_local(d.hold, False, 0)
+    wallet = keys.wallet(keys.shard_of(bad, 4), bad)
+    await rclient.delete(wallet)
+    await rclient.set(wallet, "not a hash")  # this project's data is broken
+    leases = gateways()
+    broken = await admit(leases, work, bad)
+    assert not broken.admitted and broken.reason is Reason.UNAVAILABLE
+    assert "WRONGTYPE" in broken.detail
+    fine = await admit(leases, work, good)
+    assert fine.admitted and not fine.degraded, (fine.reason, fine.detail)
+    assert fine.hold is not None
+    leases.end_local(fine.hold, False, 0)
+    await rclient.delete(wallet)
