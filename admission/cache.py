@@ -20,12 +20,12 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityRequestFailed
 from admission.decision import QuotaKind
-from admission.errors import AuthorityUnavailable
+from admission.errors import REDIS_ERRORS, AuthorityUnavailable
 from admission.metrics import AuthorityMetrics, authority_metrics
 from creditservice.v1 import credit_pb2 as pb
 
@@ -497,12 +497,7 @@ class Reconciler:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.run_once()
-            except (
-                AuthorityUnavailable,
-                AuthorityRequestFailed,
-                RedisError,
-                RedisClusterException,
-            ) as err:
+            except (AuthorityUnavailable, AuthorityRequestFailed, *REDIS_ERRORS) as err:
                 honour_cancellation()
                 log.warning("reconcile pass failed: %r", err)
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
 from admission import keys
 from admission.batcher import Batcher
@@ -26,6 +26,7 @@ from admission.decision import (
     SettleOutcome,
 )
 from admission.errors import (
+    REDIS_ERRORS,
     REDIS_RETRY_S,
     AuthorityUnavailable,
     StoreUnavailable,
@@ -235,7 +236,7 @@ class AdmissionEngine:
                 if res.status is AdmitStatus.COLD:
                     detail = "the project snapshot is still missing after a cache fill"
                     return _deny(req, project_id, Reason.UNAVAILABLE, unavailable, detail)
-        except (StoreUnavailable, RedisError, RedisClusterException, OSError) as exc:
+        except (StoreUnavailable, *REDIS_ERRORS, OSError) as exc:
             if redis_unreachable(exc):  # not an error reply about this request's own data
                 down[op.shard] = self._clock() + REDIS_RETRY_S
             return self._redis_down(req, project_id, exc)

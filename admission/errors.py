@@ -8,9 +8,12 @@ AdmissionError
 
 from __future__ import annotations
 
-from redis.exceptions import ClusterError, RedisClusterException
+from redis.exceptions import ClusterError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# What redis-py raises for a failed command: RedisClusterException is not a RedisError.
+REDIS_ERRORS = (RedisError, RedisClusterException)
 
 # After a round trip to a shard failed (see redis_unreachable), requests that would need Redis
 # are decided by their route's on_redis_down at once for this long; then Redis is tried again.

@@ -17,12 +17,12 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityRequestFailed
 from admission.cache import RedisClient, honour_cancellation, lua_source, wallet_args
-from admission.errors import AuthorityUnavailable
+from admission.errors import REDIS_ERRORS, AuthorityUnavailable
 from admission.metrics import authority_metrics
 from creditservice.v1 import credit_pb2 as pb
 
@@ -559,12 +559,7 @@ class Flusher:
                         # A part batch: let the outbox fill a little, so that each Settle
                         # and ack carries more events (the lag stays far below 1 s).
                         await self._pause(self.linger_ms / 1000)
-                except (
-                    AuthorityUnavailable,
-                    AuthorityRequestFailed,
-                    RedisError,
-                    RedisClusterException,
-                ) as err:
+                except (AuthorityUnavailable, AuthorityRequestFailed, *REDIS_ERRORS) as err:
                     honour_cancellation()
                     self._after_redis_error(err)
                     log.warning("flush failed, retrying in %.2fs: %r", backoff, err)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from admission import keys
 from admission.decision import QuotaKind, QuotaStatus, Reason, WalletState
-from admission.errors import StoreUnavailable
+from admission.errors import REDIS_ERRORS, StoreUnavailable
 from admission.policy import QuotaDef
 
 Client: TypeAlias = "aioredis.Redis | aioredis.RedisCluster"
@@ -765,7 +765,7 @@ class Store:
                 await client.script_load(script.script)
                 self.stats.script_loads += 1
                 return await client.evalsha(script.sha, len(ks), *ks, *args)
-        except (RedisError, RedisClusterException, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             self.stats.errors += 1
             err = StoreUnavailable(f"redis: {exc!r}")
             err.__cause__ = exc

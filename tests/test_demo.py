@@ -123,6 +123,16 @@ def start_demo(state: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, "".join(lines)
 
 
+def hello(output: str) -> int:
+    """Status of one admitted request (/v1/hello, 1 credit) to the demo that printed `output`."""
+    req = urllib.request.Request(
+        gateway_base(output) + "/v1/hello",
+        headers={"Authorization": f"Bearer {api_key(output)}"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return int(r.status)
+
+
 @pytest.mark.parametrize(
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["INT", "TERM", "HUP"]
 )
@@ -130,12 +140,7 @@ def test_a_stop_signal_stops_everything(tmp_path: Path, signum: signal.Signals) 
     """Ctrl-C, a service manager's SIGTERM, or the terminal closing (SIGHUP)."""
     proc, out = start_demo(tmp_path / "s")
     try:
-        base, secret = gateway_base(out), api_key(out)
-        req = urllib.request.Request(
-            base + "/v1/hello", headers={"Authorization": f"Bearer {secret}"}
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert r.status == 200
+        assert hello(out) == 200
         proc.send_signal(signum)
         rest, err = proc.communicate(timeout=60)
     finally:
@@ -154,12 +159,7 @@ def test_a_closed_terminal_still_stops_everything_in_order(tmp_path: Path) -> No
     state = tmp_path / "s"
     proc, out = start_demo(state)
     try:
-        base, secret = gateway_base(out), api_key(out)
-        req = urllib.request.Request(
-            base + "/v1/hello", headers={"Authorization": f"Bearer {secret}"}
-        )
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert r.status == 200
+        assert hello(out) == 200
         assert proc.stdout is not None
         proc.stdout.close()  # the reader of the demo's output is gone
         proc.send_signal(signal.SIGHUP)
