@@ -239,6 +239,8 @@ class AdmissionEngine:
         except (StoreUnavailable, *REDIS_ERRORS, OSError) as exc:
             if redis_unreachable(exc):  # not an error reply about this request's own data
                 down[op.shard] = self._clock() + REDIS_RETRY_S
+            elif probe_until is not None and down.get(op.shard) == probe_until:
+                del down[op.shard]  # the probe got an answer: the shard is up
             return self._redis_down(req, project_id, exc)
         except asyncio.CancelledError:
             if probe_until is not None and down.get(op.shard) == probe_until:

@@ -524,6 +524,12 @@ async def test_an_error_reply_about_one_project_does_not_skip_its_shard(
     fine = await engine.admit(req(engine, "chat", good))
     assert fine.admitted and not fine.degraded and fine.hold is not None
     assert engine.stats.skipped == 0
+    # The same when the error reply answers the probe of a shard marked down earlier.
+    engine._shard_down_until[engine.shard_of(bad)] = 0.0  # a failure long ago
+    assert not (await engine.admit(req(engine, "chat", bad))).admitted  # the probe
+    fine = await engine.admit(req(engine, "chat", good))
+    assert fine.admitted and not fine.degraded
+    assert engine.stats.skipped == 0
 
 
 async def test_scripts_reloaded_after_script_flush(
