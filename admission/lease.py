@@ -313,6 +313,9 @@ class LeaseAdmitter:
         # request the lease does not cover is decided by its route's on_redis_down at once,
         # instead of each one waiting for a sync to time out.
         self._shard_down_until: dict[int, float] = {}
+        # Shards whose shared lease.lua call got an error reply (one project's broken keys
+        # fail the whole call): their ops go one per call until no error reply is left.
+        self._solo_shards: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self._fills: set[asyncio.Task[None]] = set()
         self._rounds: set[asyncio.Task[int]] = set()
@@ -790,26 +793,44 @@ class LeaseAdmitter:
         if not picked:
             return 0
         by_shard: dict[int, list[LeaseOp]] = {}
+        solo: list[LeaseOp] = []
         for lease, op in picked:
             lease.sending = True
             lease.in_flight = op
-            by_shard.setdefault(op.shard, []).append(op)
+            if op.shard in self._solo_shards:
+                solo.append(op)
+            else:
+                by_shard.setdefault(op.shard, []).append(op)
         self.stats.syncs += 1
         self.stats.ops += len(picked)
         m = self._metrics
         m.lease_rounds.inc()
         m.leases.set(len(self._leases))
         started = time.perf_counter()
-        try:
-            results = await self._store.run_leases(by_shard)
-        except Exception as exc:  # StoreUnavailable for all shards, or a bug
-            results = {shard: exc for shard in by_shard}
+        calls = [
+            self._store.run_leases(by_shard),
+            *(self._store.run_leases({op.shard: [op]}) for op in solo),
+        ]
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        # StoreUnavailable for all shards of a call, or a bug: every op of that call failed.
+        results: dict[int, list[LeaseResult] | BaseException] = (
+            {shard: replies[0] for shard in by_shard}
+            if isinstance(replies[0], BaseException)
+            else replies[0]
+        )
+        own: dict[int, list[LeaseResult] | BaseException | None] = {
+            id(op): reply if isinstance(reply, BaseException) else reply.get(op.shard)
+            for op, reply in zip(solo, replies[1:], strict=True)
+        }
         m.lease_round_duration.observe(time.perf_counter() - started)
         position: dict[int, int] = {}
+        solo_shards = {op.shard for op in solo}
+        still_failing: set[int] = set()
         for lease, op in picked:
             lease.sending = False
             lease.in_flight = None
-            res = results.get(op.shard)
+            alone = op.shard in solo_shards
+            res = own.get(id(op)) if alone else results.get(op.shard)
             m.lease_ops.labels(op.kind).inc()
             if isinstance(res, BaseException) or res is None:
                 self.stats.errors += 1
@@ -818,11 +839,21 @@ class LeaseAdmitter:
                     # Requests the leases do not cover are decided at once by on_redis_down
                     # for a while; syncs of leases with work keep probing Redis meanwhile.
                     self._shard_down_until[op.shard] = self._now() + REDIS_RETRY_S
+                elif alone:
+                    still_failing.add(op.shard)
+                elif len(by_shard[op.shard]) > 1:
+                    # An error reply to a call shared by several projects: from the next round
+                    # this shard's ops go one per call, so that the op that causes it no longer
+                    # fails the others (each op is re-sent as is; lease.lua knows it by seq).
+                    self._solo_shards.add(op.shard)
                 lease.retry_op = op
                 self._resolve(lease, _Failure(None, repr(res)))
                 continue
-            i = position.get(op.shard, 0)
-            position[op.shard] = i + 1
+            if alone:
+                i = 0
+            else:
+                i = position.get(op.shard, 0)
+                position[op.shard] = i + 1
             self._shard_down_until.pop(op.shard, None)
             lease.retry_op = None
             try:
@@ -831,6 +862,7 @@ class LeaseAdmitter:
                 log.exception("applying the sync of lease %s failed", lease.lease_id)
                 self._forget(lease)
                 self._resolve(lease, _Failure(None, "lease sync could not be applied"))
+        self._solo_shards -= solo_shards - still_failing
         return len(picked)
 
     def _op_for(

@@ -708,3 +708,36 @@ async def test_an_error_reply_does_not_mark_the_shard_down(
     assert fine.hold is not None
     leases.end_local(fine.hold, False, 0)
     await rclient.delete(wallet)
+
+
+async def test_one_projects_broken_keys_do_not_block_its_shards_other_leases(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    """One lease.lua call carries the syncs of every lease of a shard, and an error reply to
+    one op (a key of the wrong type) fails the whole call. Each op is then re-sent as is: if
+    they went together again, the healthy project's commits would never reach Redis. They go
+    one per call until the error is gone."""
+    leases = gateways()
+    tokens = route(policy, "tokens")
+    bad = project(filler, snap=1000)
+    good = project(filler, snap=1000)
+    while keys.shard_of(good, 4) != keys.shard_of(bad, 4):
+        good = project(filler, snap=1000)
+    for p in (bad, good):
+        d = await admit(leases, tokens, p)
+        assert d.hold is not None
+        assert leases.end_local(d.hold, True, 3) is None  # a commit to sync
+    wallet = keys.wallet(keys.shard_of(bad, 4), bad)
+    await rclient.delete(wallet)
+    await rclient.set(wallet, "not a hash")
+    await leases.sync_round(force=True)  # both in one call: both fail
+    assert leases.unsynced_commits() == 2
+    await leases.sync_round(force=True)  # one call each: the good one goes through
+    assert leases.unsynced_commits() == 1
+    events = await outbox_events(rclient, good, 4)
+    assert sum(int(e[keys.E_AMOUNT]) for e in events if e[keys.E_KIND] == "COMMIT") == 3
+    d = await admit(leases, tokens, good)
+    assert d.admitted and not d.degraded and d.hold is not None
+    leases.end_local(d.hold, False, 0)
+    await rclient.delete(wallet)
+    await leases.aclose(within_s=1)
