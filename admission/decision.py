@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
+
 
 class WalletState(enum.IntEnum):
     """Mirrors creditservice.v1.WalletState (same numbers)."""
@@ -223,6 +225,9 @@ class SettleOutcome:
     detail: str = ""
 
 
+# Not a native class when compiled: callers may pass anything, and AdmissionEngine.admit answers
+# a bad field with INVALID_REQUEST rather than the constructor raising TypeError.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True, slots=True)
 class AdmitRequest:
     """One admission: a resolved project, the matched route, and its cost."""

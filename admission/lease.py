@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
 from prometheus_client import CollectorRegistry
 
 from admission.decision import (
@@ -273,6 +274,9 @@ class _View:
 Templates = Callable[[QuotaDefs], tuple[str, str]]
 
 
+# Compiled (admission.native), a Python subclass may still override its methods (the tests
+# intercept _apply and _check that way).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LeaseAdmitter:
     """Admission from per-project leases; one per process (see the module docstring)."""
 

@@ -11,6 +11,8 @@ server alike. Run:
 Servers: bare (trivial handler), plugin (setup() in lease mode, the default: one credit hold +
 one rate quota + one concurrency quota per request, flusher running), plugin-hold (the same in
 hold mode: one admit and one settle script operation per request, batched per tick),
+plugin-source (the plugin running its Python source instead of the compiled hot path, as with
+CREDITGATE_PURE_PYTHON=1; see admission/native.py),
 plugin-no-flusher (lease mode, settlement left to another process: the outbox just grows),
 plugin-ext-flusher (the same, with a separate `creditgate flusher` process settling),
 redis-peer (one INCR + check per request), grpc-peer (one CheckAdmission call to the authority
@@ -50,6 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiohttp import web
 
+from admission import native
+
 POLICY = """
 [settings]
 shards = 16
@@ -77,6 +81,7 @@ SERVERS = (
     "bare",
     "plugin",
     "plugin-hold",
+    "plugin-source",
     "plugin-no-flusher",
     "plugin-ext-flusher",
     "redis-peer",
@@ -331,9 +336,17 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], deadline_s: float = 20.
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def _spawn(mode: str, *extra: str, pin: list[str] = []) -> tuple[subprocess.Popen[bytes], int]:  # noqa: B006
+def _spawn(
+    mode: str,
+    *extra: str,
+    pin: list[str] = [],  # noqa: B006
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
-    proc = subprocess.Popen([*pin, sys.executable, __file__, mode, "--port", str(port), *extra])
+    proc = subprocess.Popen(
+        [*pin, sys.executable, __file__, mode, "--port", str(port), *extra],
+        env={**os.environ, **env} if env else None,
+    )
     _wait_port(port, proc)
     return proc, port
 
@@ -508,8 +521,9 @@ def _measure_server(
     args: argparse.Namespace,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One run of one server, started fresh and warmed up: its result and CPU seconds."""
-    mode = "plugin-no-flusher" if name == "plugin-ext-flusher" else name
-    proc, port = _spawn(mode, *common, pin=_pin(args, "0"))
+    mode = {"plugin-ext-flusher": "plugin-no-flusher", "plugin-source": "plugin"}.get(name, name)
+    env = {native.PURE_ENV: "1"} if name == "plugin-source" else None
+    proc, port = _spawn(mode, *common, pin=_pin(args, "0"), env=env)
     ext: subprocess.Popen[bytes] | None = None
     if name == "plugin-ext-flusher":
         ext = _start_flusher(redis.url, target, args.token_for_children)
@@ -623,6 +637,7 @@ def _report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> Non
         f"repeat={args.repeat} cpus={os.cpu_count()} pin={args.pin} "
         f"load average at end={os.getloadavg()[0]:.2f}"
     )
+    print(f"plugin hot path: {native.status().reason}")
     print(
         f"{'server':<18}{'req/s (median)':>16}{'p50 ms':>10}{'p99 ms':>10}{'vs bare':>10}"
         f"{'non-2xx':>10}  cpu us/req (server redis authority flusher)  runs"

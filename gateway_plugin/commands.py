@@ -22,6 +22,8 @@ from types import FrameType
 
 from aiohttp import web
 
+from admission import native
+
 DEFAULT_LISTEN = "127.0.0.1:8080"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
@@ -127,7 +129,7 @@ async def serve(
             ) from exc
         print(
             f"creditgate gateway pid {os.getpid()} on http://{opts.host}:{opts.port} "
-            f"-> {opts.upstream}",
+            f"-> {opts.upstream} (hot path: {native.status().reason})",
             flush=True,
         )
         await stop.wait()

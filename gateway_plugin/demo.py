@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from admission import native
 from admission.policy import Policy, parse_policy
 from gateway_plugin.config import GatewayConfig
 from gateway_plugin.proxy import ProxyConfig, app_runner, build_gateway_app
@@ -343,6 +344,7 @@ async def _main(opts: DemoOptions) -> int:
         _say(f"  authority  gRPC {authority.grpc_target}, REST {authority.http_url}")
         _say(f"  redis      {redis_url} ({redis_note})")
         _say(f"  state dir  {state}")
+        _say(f"  hot path   {native.status().reason}")
         _say(
             f"  project    {PROJECT}: balance {balance} credits; quotas: requests "
             f"{RATE_LIMIT} per {RATE_WINDOW} s, {CONCURRENCY} concurrent"

@@ -52,8 +52,12 @@ class UsageHandle:
     def released(self) -> bool:
         return self._released
 
-    def report(self, amount: int) -> None:
-        """Charge `amount` instead of the held amount. May be called again to correct it."""
+    def report(self, amount: object) -> None:
+        """Charge `amount` instead of the held amount. May be called again to correct it.
+
+        Typed `object`, checked here: a compiled build would otherwise reject a non-int
+        with TypeError before this method could answer UsageError.
+        """
         if type(amount) is not int:
             raise UsageError(f"usage must be an int, got {type(amount).__name__}")
         self._check_open()

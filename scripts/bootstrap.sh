@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything creditgate and its tests need on a fresh Debian/Ubuntu machine:
-# redis-server, Chromium (dashboard browser test), setpriv, PostgreSQL when none answers, the
-# Python package.
+# redis-server, Chromium (dashboard browser test), setpriv, a C compiler and Python's headers,
+# PostgreSQL when none answers, the Python package (its hot path compiled with mypyc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
@@ -14,6 +14,11 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v setpriv >/dev/null || missing+=(util-linux)  # Redis children die with their parent
+# A C compiler and Python's headers: pip compiles the hot path with mypyc (admission/native.py).
+command -v cc >/dev/null || missing+=(gcc)
+python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+  missing+=(python3-dev)
 
 pg_up() { (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; }
 if [ -z "${CREDITGATE_TEST_PG_DSN:-}" ] && ! pg_up; then

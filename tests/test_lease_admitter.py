@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 from admission import keys
 from admission.decision import Decision, QuotaKind, Reason, WalletState
 from admission.engine import AdmissionEngine
-from admission.lease import LeaseAdmitter
+from admission.lease import LeaseAdmitter, LocalLease
 from admission.policy import Policy, Route, parse_policy
+from admission.store import LeaseOp, LeaseResult
 from tests.fixtures_admission import (
     DictFiller,
     ShardClock,
@@ -73,7 +74,7 @@ cost = 1000
 shadow = true
 """
 
-Factory = Callable[[], LeaseAdmitter]
+Factory = Callable[..., LeaseAdmitter]  # (cls=LeaseAdmitter): a subclass to intercept
 
 
 @pytest.fixture
@@ -93,9 +94,9 @@ async def gateways(
     """Makes LeaseAdmitters (each one a gateway process); closes the ones still open."""
     made: list[LeaseAdmitter] = []
 
-    def make() -> LeaseAdmitter:
+    def make(cls: type[LeaseAdmitter] = LeaseAdmitter) -> LeaseAdmitter:
         engine = AdmissionEngine(rclient, policy, filler, gateway_id=f"gw{len(made)}")
-        leases = LeaseAdmitter(engine.store, policy, filler, route_problem=engine.route_problem)
+        leases = cls(engine.store, policy, filler, route_problem=engine.route_problem)
         leases.start()
         made.append(leases)
         return leases
@@ -564,7 +565,7 @@ async def test_shutdown_does_not_retry_a_lease_that_cannot_close_while_redis_ans
 
 
 async def test_a_sync_grant_goes_to_the_requests_that_waited_for_it(
-    gateways: Factory, policy: Policy, filler: DictFiller, monkeypatch: pytest.MonkeyPatch
+    gateways: Factory, policy: Policy, filler: DictFiller
 ) -> None:
     """Requests arriving as a reply is applied cannot take the grant its waiters asked for.
 
@@ -573,21 +574,20 @@ async def test_a_sync_grant_goes_to_the_requests_that_waited_for_it(
     the waiting request is admitted. When it was decided only once its task ran, it found the
     lease empty after each of its three syncs and got 402 with 990 credits in the wallet.
     """
-    leases = gateways()
     tokens = route(policy, "tokens")
     p = project(filler, snap=1000)
     taken: list[Decision] = []
-    apply = leases._apply
 
-    def apply_then_others_arrive(lease: object, op: object, res: object) -> None:
-        apply(lease, op, res)  # type: ignore[arg-type]
-        for _ in range(1000):
-            other = leases.try_admit(tokens, p)
-            if other is None or not other.admitted:
-                break
-            taken.append(other)
+    class OthersArriveAfterEachReply(LeaseAdmitter):
+        def _apply(self, lease: LocalLease, op: LeaseOp, res: LeaseResult) -> None:
+            super()._apply(lease, op, res)
+            for _ in range(1000):
+                other = self.try_admit(tokens, p)
+                if other is None or not other.admitted:
+                    break
+                taken.append(other)
 
-    monkeypatch.setattr(leases, "_apply", apply_then_others_arrive)
+    leases = gateways(OthersArriveAfterEachReply)
     d = await leases.admit(tokens, p)
     assert d.admitted, (d.reason, d.detail)
     assert taken, "the other requests never ran in the window"
@@ -599,22 +599,21 @@ async def test_a_sync_grant_goes_to_the_requests_that_waited_for_it(
 
 
 async def test_a_waiter_cancelled_after_its_reply_gives_back_what_it_took(
-    gateways: Factory, policy: Policy, filler: DictFiller, monkeypatch: pytest.MonkeyPatch
+    gateways: Factory, policy: Policy, filler: DictFiller
 ) -> None:
     """A request cancelled between being admitted at the reply and running again releases."""
-    leases = gateways()
     work = route(policy, "work")
     p = project(filler, snap=1000)
     waiting: list[asyncio.Task[Decision]] = []
-    apply = leases._apply
 
-    def apply_then_cancel(lease: object, op: object, res: object) -> None:
-        apply(lease, op, res)  # type: ignore[arg-type]
-        if getattr(lease, "synced", False):  # not the first, COLD, reply: the waiter is decided
-            for task in waiting:
-                task.cancel()
+    class CancelAfterTheReply(LeaseAdmitter):
+        def _apply(self, lease: LocalLease, op: LeaseOp, res: LeaseResult) -> None:
+            super()._apply(lease, op, res)
+            if lease.synced:  # not the first, COLD, reply: the waiter is decided
+                for task in waiting:
+                    task.cancel()
 
-    monkeypatch.setattr(leases, "_apply", apply_then_cancel)
+    leases = gateways(CancelAfterTheReply)
     waiting.append(asyncio.create_task(leases.admit(work, p)))
     with pytest.raises(asyncio.CancelledError):
         await waiting[0]
@@ -622,7 +621,7 @@ async def test_a_waiter_cancelled_after_its_reply_gives_back_what_it_took(
     assert lease.synced, "the reply was applied"
     assert lease.inflight == 0, "the cancelled request's credits went back to the lease"
     assert all(q.inflight == 0 for q in lease.quotas.values()), "and its concurrency slot"
-    monkeypatch.setattr(leases, "_apply", apply)
+    waiting.clear()
     await leases.aclose()
 
 
@@ -653,28 +652,26 @@ async def test_unsynced_commits_include_a_sync_on_its_way(
 
 
 async def test_a_failure_deciding_one_waiter_leaves_the_others_decided(
-    gateways: Factory, policy: Policy, filler: DictFiller, monkeypatch: pytest.MonkeyPatch
+    gateways: Factory, policy: Policy, filler: DictFiller
 ) -> None:
     """A bug while deciding one waiting request at the reply fails that request only (by
     on_redis_down); the other waiters are still decided, none is left waiting."""
-    leases = gateways()
     work = route(policy, "work")
     p = project(filler, snap=1000)
-    check = leases._check
     calls = [0]
 
-    def first_check_fails(lease: Any, spec: Any, now: float, final: bool) -> Any:
-        calls[0] += 1
-        if calls[0] == 1:
-            raise RuntimeError("a bug while deciding one request")
-        return check(lease, spec, now, final)
+    class FirstCheckFails(LeaseAdmitter):
+        def _check(self, lease: Any, spec: Any, now: float, final: bool) -> Any:
+            calls[0] += 1
+            if calls[0] == 1:
+                raise RuntimeError("a bug while deciding one request")
+            return super()._check(lease, spec, now, final)
 
-    monkeypatch.setattr(leases, "_check", first_check_fails)
+    leases = gateways(FirstCheckFails)
     async with asyncio.timeout(10):
         decisions = await asyncio.gather(*(leases.admit(work, p) for _ in range(3)))
     assert [d.reason for d in decisions].count(Reason.UNAVAILABLE) == 1
     assert sum(d.admitted for d in decisions) == 2
-    monkeypatch.setattr(leases, "_check", check)
     for d in decisions:
         if d.hold is not None:
             leases.end_local(d.hold, False, 0)
