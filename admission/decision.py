@@ -57,20 +57,71 @@ class QuotaStatus:
     reset_seconds: int  # until the oldest counted unit leaves the window (<= window; 0: none)
 
 
-@dataclass(slots=True)
 class Hold:
-    """An ACTIVE hold in Redis: the handle needed to commit or release it."""
+    """An ACTIVE hold in Redis (or in a lease): the handle needed to commit or release it.
 
-    hold_id: str
-    project_id: str
-    shard: int
-    amount: int
-    route: str
-    meter: str
-    allow_overage: bool
-    # Redis keys of the concurrency counters this hold occupies. A hint for settle.lua, which
-    # checks it against the hold and asks for the right keys when it does not match.
-    counters: tuple[str, ...] = ()
+    Hand-written rather than a dataclass, like Decision: one is made per admitted request, and
+    a compiled dataclass still runs the __init__ the dataclasses module generates, interpreted.
+    """
+
+    __slots__ = (
+        "allow_overage",
+        "amount",
+        "counters",
+        "hold_id",
+        "meter",
+        "project_id",
+        "route",
+        "shard",
+    )
+
+    def __init__(  # noqa: PLR0917 - the dataclass signature it replaces
+        self,
+        hold_id: str,
+        project_id: str,
+        shard: int,
+        amount: int,
+        route: str,
+        meter: str,
+        allow_overage: bool,
+        counters: tuple[str, ...] = (),
+    ) -> None:
+        self.hold_id = hold_id
+        self.project_id = project_id
+        self.shard = shard
+        self.amount = amount
+        self.route = route
+        self.meter = meter
+        self.allow_overage = allow_overage
+        # Redis keys of the concurrency counters this hold occupies. A hint for settle.lua,
+        # which checks it against the hold and asks for the right keys when it does not match.
+        self.counters = counters
+
+    def _key(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in _HOLD_FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Hold):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name in _HOLD_FIELDS)
+        return f"Hold({inner})"
+
+
+_HOLD_FIELDS = (
+    "hold_id",
+    "project_id",
+    "shard",
+    "amount",
+    "route",
+    "meter",
+    "allow_overage",
+    "counters",
+)
 
 
 # What a lease-mode admission renders for its headers (see Decision.rendered): the quotas'
