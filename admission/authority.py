@@ -173,18 +173,26 @@ class AuthorityClient:
 
     async def resolve_api_key(self, key_hash: str) -> pb.ApiKey | None:
         """The key with this SHA-256 hash (revoked keys included); None when unknown."""
+        key, _ = await self.resolve_api_key_with_snapshot(key_hash, include_snapshot=False)
+        return key
+
+    async def resolve_api_key_with_snapshot(
+        self, key_hash: str, *, include_snapshot: bool = True
+    ) -> tuple[pb.ApiKey | None, pb.ProjectSnapshot | None]:
+        """resolve_api_key, and the snapshot of the key's project in the same call (None: the
+        key is unknown or revoked, its project has no wallet, or the authority predates it)."""
         self.calls["ResolveApiKey"] += 1
         try:
             reply: pb.ResolveApiKeyResponse = await self.stub.ResolveApiKey(
-                pb.ResolveApiKeyRequest(key_hash=key_hash),
+                pb.ResolveApiKeyRequest(key_hash=key_hash, include_snapshot=include_snapshot),
                 timeout=self.config.timeout_s,
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
-                return None
+                return None, None
             raise _convert(err, "ResolveApiKey") from err
-        return reply.key
+        return reply.key, (reply.snapshot if reply.HasField("snapshot") else None)
 
     async def watch(
         self, after_cursor: int, project_ids: Sequence[str] = ()

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from importlib import resources
 from typing import Any, Protocol
 
@@ -158,6 +158,25 @@ class SnapshotStore:
 UnsettledLimit = int | Callable[[pb.Wallet], int] | None
 
 
+RECORDING_LIMIT = 10_000
+
+
+class _Recording:
+    """Project events delivered during one authority call (CacheFiller.recording)."""
+
+    __slots__ = ("events", "overflowed")
+
+    def __init__(self) -> None:
+        self.events: list[pb.WatchEvent] = []
+        self.overflowed = False
+
+    def add(self, event: pb.WatchEvent) -> None:
+        if len(self.events) >= RECORDING_LIMIT:
+            self.overflowed = True
+            return
+        self.events.append(event)
+
+
 class CacheFiller:
     """Implements ports.SnapshotFiller: one authority call per project at a time per process."""
 
@@ -177,6 +196,8 @@ class CacheFiller:
         self._inflight: dict[str, asyncio.Future[bool]] = {}
         self._buffers: dict[str, list[pb.WatchEvent]] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Open recordings (see recording()): every project event delivered meanwhile.
+        self._recordings: list[_Recording] = []
 
     def unsettled_limit(self, wallet: pb.Wallet) -> int | None:
         limit = self._unsettled_limit
@@ -236,6 +257,51 @@ class CacheFiller:
         await self._replay(project_id, snapshot.cursor)
         return True
 
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[_Recording]:
+        """Records the project events the Watch delivers while the block runs.
+
+        Around an authority call that returns a snapshot (a key resolution, see offer()): an
+        event after the snapshot may arrive before the reply, when its project is not cached
+        yet and so nothing applies it. At most RECORDING_LIMIT events are kept; past that
+        the recording is marked overflowed and offer() ignores its snapshot.
+        """
+        recording = _Recording()
+        self._recordings.append(recording)
+        try:
+            yield recording
+        finally:
+            self._recordings.remove(recording)
+
+    async def offer(self, snapshot: pb.ProjectSnapshot, recording: _Recording) -> bool:
+        """Fill the cache from a snapshot that came with another call (a key resolution), if
+        the project is not cached yet: the first request of a new project then needs no
+        GetAdmissionSnapshot call. True when the project is cached afterwards.
+
+        The events recorded during that call (and any that arrive until the write is done)
+        are applied after the snapshot when their cursor is above its cursor, as for a fill.
+        A project with a fill in flight, or an overflowed recording, is left to the fill.
+        """
+        project_id = snapshot.wallet.project_id
+        if recording.overflowed or not project_id or project_id in self._inflight:
+            return False
+        # From here on, no await until the buffer is in place: the recording ends where the
+        # buffer starts, so every event after the snapshot is seen by one or the other.
+        self._buffers[project_id] = [
+            e for e in recording.events if (e.project_id or _event_project(e)) == project_id
+        ]
+        fut = asyncio.ensure_future(self._offered(snapshot))
+        self._inflight[project_id] = fut
+        fut.add_done_callback(lambda f: self._done(project_id, f))
+        return await asyncio.shield(fut)
+
+    async def _offered(self, snapshot: pb.ProjectSnapshot) -> bool:
+        project_id = snapshot.wallet.project_id
+        await self.store.fill(snapshot, self.unsettled_limit(snapshot.wallet), mode="offer")
+        self._metrics.cache_fills.labels(result="offered").inc()
+        await self._replay(project_id, snapshot.cursor)
+        return True
+
     async def _replay(self, project_id: str, after_cursor: int) -> None:
         while True:
             buffered = self._buffers.get(project_id)
@@ -251,6 +317,8 @@ class CacheFiller:
 
     async def on_event(self, event: pb.WatchEvent) -> None:
         """Apply a project-scoped Watch event (wallet, quota, lifecycle) to Redis."""
+        for recording in self._recordings:
+            recording.add(event)
         buffer = self._buffers.get(event.project_id)
         if buffer is not None:
             buffer.append(event)

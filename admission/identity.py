@@ -16,7 +16,9 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from prometheus_client import CollectorRegistry
@@ -27,8 +29,9 @@ from redis.exceptions import RedisError
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityRequestFailed
 from admission.decision import Reason
-from admission.errors import AuthorityUnavailable
+from admission.errors import REDIS_ERRORS, AuthorityUnavailable
 from admission.metrics import authority_metrics
+from creditservice.v1 import credit_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +100,21 @@ class _Miss(enum.Enum):
 _MISS = _Miss.MISS
 
 
+class SnapshotSink(Protocol):
+    """Takes the project snapshot that comes with a key resolution (cache.CacheFiller)."""
+
+    def recording(self) -> AbstractContextManager[Any]: ...
+
+    async def offer(self, snapshot: pb.ProjectSnapshot, recording: Any) -> bool: ...
+
+
 class IdentityResolver:
-    """Implements ports.CredentialResolver and cache.KeyCache."""
+    """Implements ports.CredentialResolver and cache.KeyCache.
+
+    With `snapshots`, a key the authority resolves comes back with its project's snapshot,
+    which fills the cache at once: a new project's first request then makes one authority
+    call instead of two (the lease or engine finds the project cached).
+    """
 
     def __init__(
         self,
@@ -108,9 +124,11 @@ class IdentityResolver:
         *,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        snapshots: SnapshotSink | None = None,
     ) -> None:
         self.redis = redis
         self.authority = authority
+        self._snapshots = snapshots
         self.config = config or IdentityConfig()
         self._networks: tuple[IpNetwork, ...] = tuple(
             ipaddress.ip_network(net, strict=False) for net in self.config.trusted_proxies
@@ -327,8 +345,14 @@ class IdentityResolver:
         return stored.decode() if isinstance(stored, bytes) else str(stored)
 
     async def _from_authority(self, digest: str, learnt: float, evictions: int) -> str | None:
+        sink = self._snapshots
+        snapshot: pb.ProjectSnapshot | None = None
         try:
-            key = await self.authority.resolve_api_key(digest)
+            if sink is None:
+                key = await self.authority.resolve_api_key(digest)
+            else:
+                with sink.recording() as recording:
+                    key, snapshot = await self.authority.resolve_api_key_with_snapshot(digest)
         except AuthorityUnavailable:
             self._metrics.key_resolutions.labels(source="authority", result="unavailable").inc()
             raise
@@ -350,6 +374,16 @@ class IdentityResolver:
                 )
             self._remember(digest, key.project_id, learnt)
         self._metrics.key_resolutions.labels(source="authority", result="valid").inc()
+        if (
+            sink is not None
+            and snapshot is not None
+            and snapshot.wallet.project_id == key.project_id
+        ):
+            try:
+                await sink.offer(snapshot, recording)
+            except REDIS_ERRORS as err:
+                # The cache is filled the usual way when admission finds the project cold.
+                log.warning("filling %s from its key's snapshot failed: %r", key.project_id, err)
         return key.project_id
 
     def _remember(self, digest: str, project_id: str | None, learnt: float) -> None:

@@ -406,7 +406,13 @@ class CreditCore:
     ) -> pb.ResolveApiKeyResponse:
         principal.require_admin()
         validation.resolve_api_key(request)
-        return pb.ResolveApiKeyResponse(key=await self.store.resolve_api_key(request.key_hash))
+        key = await self.store.resolve_api_key(request.key_hash)
+        response = pb.ResolveApiKeyResponse(key=key)
+        if request.include_snapshot and not key.revoked_at_ms and key.project_id:
+            # A project without a wallet has no snapshot: the key still resolves.
+            with contextlib.suppress(NotFound):
+                response.snapshot.CopyFrom(await self.store.get_snapshot(key.project_id))
+        return response
 
     # ------------------------------------------------------------------ export / import
 

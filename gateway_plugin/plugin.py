@@ -220,6 +220,7 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
         authority,
         IdentityConfig(trusted_proxies=config.trusted_proxies),
         registry=registry,
+        snapshots=filler,  # a key resolved at the authority fills its project's cache at once
     )
     state.identity = identity
     state.metrics.add_fold(identity.fold_metrics)

@@ -906,6 +906,16 @@ async def test_revoke_and_resolve_api_key(world: World) -> None:
     )
     assert resolved.key.project_id == w.a and resolved.key.revoked_at_ms == 0
     key_id = resolved.key.key_id
+    assert not resolved.HasField("snapshot"), "only when asked"
+    with_snapshot = await w.stub.ResolveApiKey(
+        pb.ResolveApiKeyRequest(key_hash=key_hash, include_snapshot=True), metadata=w.admin
+    )
+    assert with_snapshot.key == resolved.key
+    expected = await w.stub.GetAdmissionSnapshot(
+        pb.GetAdmissionSnapshotRequest(project_id=w.a), metadata=w.admin
+    )
+    assert with_snapshot.snapshot == expected.snapshot
+    assert with_snapshot.snapshot.wallet.available == 10_000
     # Warm the authority's key cache, then revoke: the cached key must stop working at once.
     await w.stub.GetWallet(pb.GetWalletRequest(project_id=w.a), metadata=w.key_a)
     revoked = await w.stub.RevokeApiKey(
@@ -917,6 +927,11 @@ async def test_revoke_and_resolve_api_key(world: World) -> None:
     )
     after = await w.stub.ResolveApiKey(pb.ResolveApiKeyRequest(key_hash=key_hash), metadata=w.admin)
     assert after.key.revoked_at_ms == revoked.key.revoked_at_ms
+    # A revoked key resolves (so that gateways learn it is revoked) but brings no snapshot.
+    after = await w.stub.ResolveApiKey(
+        pb.ResolveApiKeyRequest(key_hash=key_hash, include_snapshot=True), metadata=w.admin
+    )
+    assert after.key.revoked_at_ms > 0 and not after.HasField("snapshot")
 
     rv = w.stub.RevokeApiKey
     await refused(

@@ -14,11 +14,13 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from admission import keys
+from admission import cache, keys
 from admission.authority import AuthorityClient, AuthorityClientConfig
 from admission.cache import CacheFiller, Reconciler, WatchSubscriber
 from admission.errors import AuthorityUnavailable
 from admission.flusher import Flusher
+from admission.identity import IdentityResolver
+from creditservice.auth import hash_secret
 from creditservice.clock import ManualClock
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
@@ -441,3 +443,115 @@ async def test_resync_after_authority_replaced_refills_every_cached_project(
             await replaced.stop()
         with contextlib.suppress(Exception):
             await srv.stop()
+
+
+async def _issue_key(stub: pb_grpc.CreditServiceAsyncStub, token: str, pid: str) -> str:
+    reply = await stub.IssueApiKey(
+        pb.IssueApiKeyRequest(request_id=f"key-{pid}", project_id=pid, name="test"),
+        metadata=admin_md(token),
+        timeout=10,
+    )
+    return str(reply.secret)
+
+
+async def test_a_key_resolved_at_the_authority_fills_its_project_in_the_same_call(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+) -> None:
+    """A new project's first request: one authority call (the key, with its snapshot)."""
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=300)
+    await set_quota(authority_stub, token, pid, "requests", 7)
+    secret = await _issue_key(authority_stub, token, pid)
+    identity = IdentityResolver(rclient, auth_client, registry=registry, snapshots=filler)
+    calls = dict(auth_client.calls)
+    assert await identity.resolve(secret) == pid
+    assert auth_client.calls["ResolveApiKey"] == calls.get("ResolveApiKey", 0) + 1
+    assert auth_client.calls["GetAdmissionSnapshot"] == calls.get("GetAdmissionSnapshot", 0)
+    got = await wallet_hash(rclient, pid)
+    assert got[keys.W_SNAPSHOT] == 300 and got[keys.W_UNSETTLED_LIMIT] == UNSL
+    assert await rclient.hgetall(qdefs_key(pid)) == {b"requests": b"rate:7:60"}
+    assert registry.get_sample_value("creditgate_cache_fills_total", {"result": "offered"}) == 1
+
+    # A project already cached is left as it is: its state there may be newer.
+    await rclient.hset(keys.wallet(keys.shard_of(pid, SHARDS), pid), keys.W_SNAPSHOT, 299)
+    snapshot = await auth_client.get_snapshot(pid)
+    assert snapshot is not None
+    with filler.recording() as recording:
+        pass
+    assert await filler.offer(snapshot, recording) is True
+    assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 299
+
+
+async def test_an_event_after_the_keys_snapshot_is_applied_after_it(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+) -> None:
+    """A top-up the Watch delivers between the key's snapshot and its write to Redis is not
+    lost: nothing applied it (the project was not cached), so the offer replays it."""
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100)
+    secret = await _issue_key(authority_stub, token, pid)
+    start = await auth_client.get_snapshot(pid)
+    assert start is not None
+    async with watching(filler, registry, start.cursor) as watch:
+        with filler.recording() as recording:
+            key, snapshot = await auth_client.resolve_api_key_with_snapshot(hash_secret(secret))
+            assert key is not None and snapshot is not None
+            assert snapshot.wallet.available == 100
+            await authority_stub.TopUp(
+                pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=50),
+                metadata=admin_md(token),
+                timeout=10,
+            )
+
+            async def delivered() -> bool:
+                return watch.cursor > snapshot.cursor
+
+            await eventually(delivered)
+        assert await wallet_hash(rclient, pid) == {}, "not cached: the top-up applied nothing"
+        # Without what was recorded, the snapshot would be written without the top-up.
+        with filler.recording() as nothing:
+            pass
+        stale = pb.ProjectSnapshot()
+        stale.CopyFrom(snapshot)
+        assert await filler.offer(stale, nothing) is True
+        assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 100
+        await rclient.delete(keys.wallet(keys.shard_of(pid, SHARDS), pid), qdefs_key(pid))
+
+        assert await filler.offer(snapshot, recording) is True
+        assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 150
+
+
+async def test_an_overflowed_recording_leaves_the_project_to_a_fill(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100)
+    snapshot = await auth_client.get_snapshot(pid)
+    assert snapshot is not None
+    monkeypatch.setattr(cache, "RECORDING_LIMIT", 2)
+    other = pb.WatchEvent(cursor=snapshot.cursor + 1, project_id="someone-else")
+    with filler.recording() as recording:
+        for i in range(3):
+            other.cursor = snapshot.cursor + 1 + i
+            await filler.on_event(other)
+    assert recording.overflowed and len(recording.events) == 2
+    assert await filler.offer(snapshot, recording) is False
+    assert await wallet_hash(rclient, pid) == {}

@@ -90,6 +90,10 @@ async def test_admitted_request_carries_ratelimit_headers_and_is_charged(
     resp = await gw.client.get("/charged", headers=bearer(secret))
     assert resp.status == 200, await resp.text()
     assert await resp.text() == "ok"
+    # The project's first request asked the authority once: its key came with the snapshot.
+    assert gw.state.authority is not None
+    calls = gw.state.authority.calls
+    assert (calls["ResolveApiKey"], calls["GetAdmissionSnapshot"]) == (1, 0)
     assert sf_list(resp.headers["RateLimit-Policy"]) == {
         "requests": {"q": 5, "w": 60},
         "concurrent": {"q": 2, "qu": "concurrent-requests"},

@@ -8,6 +8,8 @@
 --   "repair" as "fill", but also rewrites a wallet of the same version (reconcile).
 --   "reset"  as "fill", whatever the cached version (Watch resync: the authority's history
 --            may have changed, e.g. restored from another database).
+--   "offer"  as "fill", only when the wallet is not cached (a snapshot that came with a key
+--            resolution: a project already cached is kept as it is).
 --   "wallet" ARGV[2..7] snap ver state low od gu: only for a cached wallet.
 --   "qset"   ARGV[2] name, ARGV[3] "kind:limit:window_seconds": only for a cached wallet.
 --   "qdel"   ARGV[2] name: only for a cached wallet.
@@ -29,6 +31,13 @@ local function write_wallet()
   redis.call('HSET', wallet, 'snap', ARGV[2], 'ver', ARGV[3], 'state', ARGV[4],
     'low', ARGV[5], 'od', ARGV[6], 'gu', ARGV[7])
   return 1
+end
+
+if mode == 'offer' then
+  if cached == 1 then
+    return {1, 0}
+  end
+  mode = 'fill'
 end
 
 if mode == 'fill' or mode == 'repair' or mode == 'reset' then

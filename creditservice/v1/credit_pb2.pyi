@@ -1883,15 +1883,22 @@ class ResolveApiKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_HASH_FIELD_NUMBER: _builtins.int
+    INCLUDE_SNAPSHOT_FIELD_NUMBER: _builtins.int
     key_hash: _builtins.str
+    """lowercase hex SHA-256 of the secret"""
+    include_snapshot: _builtins.bool
+    """Also answer the snapshot of the key's project, as GetAdmissionSnapshot would: a gateway
+    resolving a key it has not seen is about to fill that project's cache.
+    """
     def __init__(
         self,
         *,
         key_hash: _builtins.str = ...,
+        include_snapshot: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_hash", b"key_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_snapshot", b"include_snapshot", "key_hash", b"key_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1902,16 +1909,22 @@ class ResolveApiKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def key(self) -> Global___ApiKey: ...
+    @_builtins.property
+    def snapshot(self) -> Global___ProjectSnapshot:
+        """when asked, for a key not revoked whose project has a wallet"""
+
     def __init__(
         self,
         *,
         key: Global___ApiKey | None = ...,
+        snapshot: Global___ProjectSnapshot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
