@@ -100,6 +100,10 @@ class Hold:
     def _key(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in _HOLD_FIELDS)
 
+    def __reduce__(self) -> tuple[type[Hold], tuple[object, ...]]:
+        # copy and pickle: a compiled class cannot be made without its __init__ arguments.
+        return Hold, self._key()
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Hold):
             return NotImplemented
@@ -148,6 +152,9 @@ class Rendered:
 
     def quotas(self) -> tuple[QuotaStatus, ...]:
         return quota_statuses(self.defs, self.figures)
+
+    def __reduce__(self) -> tuple[type[Rendered], tuple[object, ...]]:
+        return Rendered, (self.policy, self.ratelimit, self.defs, self.figures)
 
 
 def quota_statuses(defs: QuotaDefs, figures: tuple[int, ...]) -> tuple[QuotaStatus, ...]:
@@ -235,6 +242,11 @@ class Decision:
 
     def _key(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in _DECISION_FIELDS if name != "rendered")
+
+    def __reduce__(self) -> tuple[type[Decision], tuple[object, ...]]:
+        # copy and pickle; `quotas` is passed as built (None stays "build from rendered").
+        args = [self._quotas if n == "quotas" else getattr(self, n) for n in _DECISION_FIELDS]
+        return Decision, tuple(args)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Decision):

@@ -347,18 +347,37 @@ class IdentityResolver:
     async def _from_authority(self, digest: str, learnt: float, evictions: int) -> str | None:
         sink = self._snapshots
         snapshot: pb.ProjectSnapshot | None = None
-        try:
-            if sink is None:
-                key = await self.authority.resolve_api_key(digest)
-            else:
-                with sink.recording() as recording:
+        # The recording runs from before the call until offer() has put its buffer in place
+        # (its first step, before any await): a Watch event delivered at any await between
+        # the two would otherwise be neither recorded nor buffered, and lost.
+        with contextlib.ExitStack() as stack:
+            recording = stack.enter_context(sink.recording()) if sink is not None else None
+            try:
+                if sink is None:
+                    key = await self.authority.resolve_api_key(digest)
+                else:
                     key, snapshot = await self.authority.resolve_api_key_with_snapshot(digest)
-        except AuthorityUnavailable:
-            self._metrics.key_resolutions.labels(source="authority", result="unavailable").inc()
-            raise
-        except AuthorityRequestFailed:
-            self._metrics.key_resolutions.labels(source="authority", result="error").inc()
-            raise
+            except AuthorityUnavailable:
+                self._metrics.key_resolutions.labels(source="authority", result="unavailable").inc()
+                raise
+            except AuthorityRequestFailed:
+                self._metrics.key_resolutions.labels(source="authority", result="error").inc()
+                raise
+            if (
+                sink is not None
+                and snapshot is not None
+                and key is not None
+                and key.revoked_at_ms == 0
+                and key.project_id
+                and snapshot.wallet.project_id == key.project_id
+            ):
+                try:
+                    await sink.offer(snapshot, recording)
+                except REDIS_ERRORS as err:
+                    # The cache is filled the usual way when admission finds the project cold.
+                    log.warning(
+                        "filling %s from its key's snapshot failed: %r", key.project_id, err
+                    )
         if key is None or key.revoked_at_ms != 0 or not key.project_id:
             self._remember(digest, None, learnt)
             # A revoked mapping must not linger in Redis for the other gateways either.
@@ -374,16 +393,6 @@ class IdentityResolver:
                 )
             self._remember(digest, key.project_id, learnt)
         self._metrics.key_resolutions.labels(source="authority", result="valid").inc()
-        if (
-            sink is not None
-            and snapshot is not None
-            and snapshot.wallet.project_id == key.project_id
-        ):
-            try:
-                await sink.offer(snapshot, recording)
-            except REDIS_ERRORS as err:
-                # The cache is filled the usual way when admission finds the project cold.
-                log.warning("filling %s from its key's snapshot failed: %r", key.project_id, err)
         return key.project_id
 
     def _remember(self, digest: str, project_id: str | None, learnt: float) -> None:

@@ -16,6 +16,11 @@ steers the import to the source, which it does, for all of COMPILED together, wh
 All or nothing: compiled modules use one another's native classes directly, so a compiled
 lease module beside a source decision module would make Decisions of another class.
 
+The compiled code itself lives in one shared library beside the packages (see
+shared_library); the per-module extensions only import it by a name that does not change
+between builds. install() loads the copy beside the packages, whose age counts in the stale
+check too, so another checkout's build of the same name can never run instead.
+
 `install()` runs when the `admission` package is imported (gateway_plugin imports it first),
 before any of COMPILED is. `status()` says which build runs, for the CLI, demo and bench.
 """
@@ -27,6 +32,7 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,8 +62,13 @@ class Choice:
     reason: str  # why, in words for a log line or the demo's banner
 
 
-def choose(files: Sequence[tuple[Path | None, Path | None]], env: str | None) -> Choice:
-    """The build to run, from each module's (source, extension) files and PURE_ENV's value."""
+def choose(
+    files: Sequence[tuple[Path | None, Path | None]],
+    env: str | None,
+    shared: Path | None = None,
+) -> Choice:
+    """The build to run, from each module's (source, extension) files, the shared library
+    that holds their compiled code (when found) and PURE_ENV's value."""
     extensions = [ext for _, ext in files if ext is not None]
     if not extensions:
         return Choice(False, "not compiled (built without the mypyc hook)")
@@ -66,7 +77,11 @@ def choose(files: Sequence[tuple[Path | None, Path | None]], env: str | None) ->
     if len(extensions) < len(files):
         return Choice(False, "Python source: only some modules are compiled; rebuild")
     for src, ext in files:
-        if src is not None and ext is not None and _newer(src, ext):
+        if (
+            src is not None
+            and ext is not None
+            and (_newer(src, ext) or (shared is not None and _newer(src, shared)))
+        ):
             return Choice(
                 False,
                 f"Python source: {src.name} changed after it was compiled; "
@@ -92,6 +107,29 @@ def module_files(name: str, package_dir: Path) -> tuple[Path | None, Path | None
         None,
     )
     return (src if src.exists() else None), ext
+
+
+def shared_library(ext: Path) -> tuple[str, Path | None] | None:
+    """The module name of the library holding a compiled module's code, and its file when it
+    lies beside the packages (a wheel's site-packages, or the checkout of an editable install).
+
+    mypyc compiles the modules of one build into one library named after the set of modules,
+    not their content; each module's own extension only imports it by that name. An editable
+    install also puts a copy in site-packages, which another checkout's install replaces:
+    install() loads the one beside the packages, built with the extensions next to it.
+    """
+    found = _GROUP_RE.search(ext.read_bytes())
+    if found is None:
+        return None
+    name = found.group(1).decode()
+    root = ext.parent.parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (root / f"{name}{suffix}").exists():
+            return name, root / f"{name}{suffix}"
+    return name, None
+
+
+_GROUP_RE = re.compile(rb"([0-9a-f]{20}__mypyc)\x00")
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder):
@@ -134,7 +172,13 @@ def install() -> Choice:
     for name in COMPILED:
         package_dir = _package_dir(name.rpartition(".")[0])
         files.append(module_files(name, package_dir) if package_dir else (None, None))
-    _choice = choose(files, os.environ.get(PURE_ENV))
+    first_ext = next((ext for _, ext in files if ext is not None), None)
+    group = shared_library(first_ext) if first_ext is not None else None
+    _choice = choose(files, os.environ.get(PURE_ENV), group[1] if group else None)
+    if _choice.compiled and group is not None:
+        name, path = group
+        if path is not None:
+            _choice = _load_shared(name, path) or _choice
     if not _choice.compiled and any(ext is not None for _, ext in files):
         loaded = [n for n in COMPILED if n in sys.modules]
         if loaded:  # imported before install(): too late to choose
@@ -143,6 +187,23 @@ def install() -> Choice:
         if "is set" not in _choice.reason:
             log.warning("creditgate hot path: %s", _choice.reason)
     return _choice
+
+
+def _load_shared(name: str, path: Path) -> Choice | None:
+    """Import the shared library from `path` (see shared_library); a Choice if it fails."""
+    if name in sys.modules:
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        return Choice(False, f"Python source: cannot load {path.name}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as err:
+        del sys.modules[name]
+        return Choice(False, f"Python source: cannot load {path.name}: {err}")
+    return None
 
 
 def status() -> Choice:

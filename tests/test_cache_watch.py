@@ -555,3 +555,52 @@ async def test_an_overflowed_recording_leaves_the_project_to_a_fill(
     assert recording.overflowed and len(recording.events) == 2
     assert await filler.offer(snapshot, recording) is False
     assert await wallet_hash(rclient, pid) == {}
+
+
+async def test_an_event_at_any_await_of_the_key_resolution_is_applied(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+) -> None:
+    """The resolver's own Redis calls are awaits too: a top-up the Watch delivers during one
+    of them (after the authority answered) ends up in Redis. Found in review: the recording
+    used to end before the key mapping's SET, and offer() started after it."""
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100)
+    secret = await _issue_key(authority_stub, token, pid)
+    start = await auth_client.get_snapshot(pid)
+    assert start is not None
+    async with watching(filler, registry, start.cursor) as watch:
+
+        class DeliveredDuringSet:
+            """The test's Redis client, except that SET first has a top-up delivered."""
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(rclient, name)
+
+            async def set(self, *args: object, **kwargs: object) -> object:
+                before = watch.cursor
+                await authority_stub.TopUp(
+                    pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=50),
+                    metadata=admin_md(token),
+                    timeout=10,
+                )
+
+                async def delivered() -> bool:
+                    return watch.cursor > before
+
+                await eventually(delivered)
+                return await rclient.set(*args, **kwargs)  # type: ignore[arg-type]
+
+        identity = IdentityResolver(
+            cast(aioredis.Redis, DeliveredDuringSet()),
+            auth_client,
+            registry=registry,
+            snapshots=filler,
+        )
+        assert await identity.resolve(secret) == pid
+        assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 150
