@@ -406,13 +406,12 @@ class CreditCore:
     ) -> pb.ResolveApiKeyResponse:
         principal.require_admin()
         validation.resolve_api_key(request)
-        key = await self.store.resolve_api_key(request.key_hash)
-        response = pb.ResolveApiKeyResponse(key=key)
-        if request.include_snapshot and not key.revoked_at_ms and key.project_id:
-            # A project without a wallet has no snapshot: the key still resolves.
-            with contextlib.suppress(NotFound):
-                response.snapshot.CopyFrom(await self.store.get_snapshot(key.project_id))
-        return response
+        if not request.include_snapshot:
+            return pb.ResolveApiKeyResponse(key=await self.store.resolve_api_key(request.key_hash))
+        # One read: the key and its project's snapshot (none for a revoked key, or a project
+        # without a wallet: the key still resolves).
+        key, snapshot = await self.store.resolve_api_key_with_snapshot(request.key_hash)
+        return pb.ResolveApiKeyResponse(key=key, snapshot=snapshot)
 
     # ------------------------------------------------------------------ export / import
 

@@ -792,6 +792,10 @@ async def test_api_keys_issue_resolve_revoke(store: Store) -> None:
     with pytest.raises(NotFound):
         await store.resolve_api_key("cd" * 32)
     assert await store.resolve_api_key(key_hash) == issued
+    key, snapshot = await store.resolve_api_key_with_snapshot(key_hash)
+    assert key == issued and snapshot == await store.get_snapshot(pid)
+    with pytest.raises(NotFound):
+        await store.resolve_api_key_with_snapshot("cd" * 32)
     with pytest.raises(NotFound):
         await store.issue_api_key(
             pb.IssueApiKeyRequest(request_id=rid(), project_id=new_pid(), name="x"),
@@ -808,6 +812,8 @@ async def test_api_keys_issue_resolve_revoke(store: Store) -> None:
     ).key
     assert revoked.revoked_at_ms == NOW + 5
     assert (await store.resolve_api_key(key_hash)).revoked_at_ms == NOW + 5
+    key, snapshot = await store.resolve_api_key_with_snapshot(key_hash)
+    assert key.revoked_at_ms == NOW + 5 and snapshot is None
     changes = await store.changes_after(cursor, 10)
     assert [c.WhichOneof("change") for c in changes] == ["key_revoked"]
     assert changes[0].key_revoked == pb.ApiKeyRevoked(

@@ -475,6 +475,26 @@ class SqlStore:
             raise NotFound("unknown API key")
         return API_KEYS.from_row(row)
 
+    async def resolve_api_key_with_snapshot(
+        self, key_hash: str
+    ) -> tuple[pb.ApiKey, pb.ProjectSnapshot | None]:
+        """The key and, when it is not revoked and its project has a wallet, that project's
+        snapshot, read in one transaction."""
+        async with self._driver.read() as tx:
+            row = await tx.fetchrow(f"{API_KEYS.select} WHERE key_hash = ?", key_hash)
+            if row is None:
+                raise NotFound("unknown API key")
+            key = API_KEYS.from_row(row)
+            if key.revoked_at_ms or not key.project_id:
+                return key, None
+            try:
+                wallet = await q.wallet(tx, key.project_id)
+            except NotFound:
+                return key, None
+            quotas = await q.quotas(tx, key.project_id)
+            cursor = await q.last_cursor(tx)
+        return key, pb.ProjectSnapshot(wallet=wallet, quotas=quotas, cursor=cursor)
+
     # ------------------------------------------------------------ change log
 
     async def changes_after(self, cursor: int, limit: int) -> list[pb.WatchEvent]:
