@@ -2,10 +2,11 @@
 
 The modules in COMPILED (admission and its HTTP middleware, per request) are ordinary typed
 Python. When the package is built (a wheel, or `pip install -e .`) the hatch-mypyc build hook
-compiles them to C extension modules (pyproject.toml, [tool.hatch.build.targets.wheel.hooks.
-mypyc]); the source ships beside them and stays the reference. Python imports an extension
-module before a source file of the same name, so the compiled build runs unless this module
-steers the import to the source, which it does, for all of COMPILED together, when
+compiles them to C extension modules (pyproject.toml, scripts/hatch_build.py; a failed compile
+builds the plain package); the source ships beside them and stays the reference. Python
+imports an extension module before a source file of the same name, so the compiled build runs
+unless this module steers the import to the source, which it does, for all of COMPILED
+together, when
 
 - CREDITGATE_PURE_PYTHON is set (not "" or "0"): for profilers and debuggers, which do not
   see inside compiled code, and to compare the two builds;
@@ -71,7 +72,7 @@ def choose(
     that holds their compiled code (when found) and PURE_ENV's value."""
     extensions = [ext for _, ext in files if ext is not None]
     if not extensions:
-        return Choice(False, "not compiled (built without the mypyc hook)")
+        return Choice(False, "not compiled (built without mypyc, or compiling failed)")
     if env not in (None, "", "0"):
         return Choice(False, f"Python source ({PURE_ENV} is set)")
     if len(extensions) < len(files):
