@@ -78,6 +78,8 @@ class RedisProcess:
     proc: subprocess.Popen[bytes]
     workdir: Path
     _next_db: int = 1
+    # The temporary directory start_redis made for it: removed by stop().
+    owns_workdir: bool = False
 
     @property
     def url(self) -> str:
@@ -98,11 +100,14 @@ class RedisProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def start_redis(*extra: str, workdir: Path | None = None, cluster: bool = False) -> RedisProcess:
     binary = _require(REDIS_SERVER)
     port = free_port(below=55535 if cluster else 65536)
+    owned = workdir is None
     wd = workdir or Path(tempfile.mkdtemp(prefix="cg-redis-"))
     proc = subprocess.Popen(
         [
@@ -132,8 +137,11 @@ def start_redis(*extra: str, workdir: Path | None = None, cluster: bool = False)
         wait_for_port(port, proc=proc)
     except Exception:
         proc.kill()
+        proc.wait(5)
+        if owned:
+            shutil.rmtree(wd, ignore_errors=True)
         raise
-    return RedisProcess(port, proc, wd)
+    return RedisProcess(port, proc, wd, owns_workdir=owned)
 
 
 @dataclass
@@ -186,6 +194,7 @@ def start_redis_cluster(masters: int = 3) -> RedisCluster:
                     cluster=True,
                 )
             )
+            cluster.nodes[-1].owns_workdir = True
         subprocess.run(
             [
                 cli,

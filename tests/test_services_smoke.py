@@ -7,7 +7,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests import services
-from tests.services import RedisCluster, RedisProcess
+from tests.services import RedisCluster, RedisProcess, start_redis
 
 
 async def test_redis_fixture_is_a_real_server(redis_proc: RedisProcess) -> None:
@@ -43,3 +43,11 @@ def test_postgres_dsn_from_the_environment_then_bootstrap_file(
     assert services.postgres_admin_dsn() == "postgresql://u:p@127.0.0.1:5432/postgres"
     monkeypatch.setenv("CREDITGATE_TEST_PG_DSN", "postgresql://env@127.0.0.1:5432/test")
     assert services.postgres_admin_dsn() == "postgresql://env@127.0.0.1:5432/test"
+
+
+def test_a_stopped_redis_leaves_no_directory_behind() -> None:
+    node = start_redis()
+    assert (node.workdir / "redis.log").exists()
+    node.stop()
+    assert node.proc.poll() is not None
+    assert not node.workdir.exists()
