@@ -454,6 +454,18 @@ async def _issue_key(stub: pb_grpc.CreditServiceAsyncStub, token: str, pid: str)
     return str(reply.secret)
 
 
+async def _keyed_project(
+    stub: pb_grpc.CreditServiceAsyncStub, client: AuthorityClient, token: str
+) -> tuple[str, str, pb.ProjectSnapshot]:
+    """A new project with 100 credits and a key: its id, the key's secret, its snapshot."""
+    pid = new_project_id()
+    await make_wallet(stub, token, pid, balance=100)
+    secret = await _issue_key(stub, token, pid)
+    start = await client.get_snapshot(pid)
+    assert start is not None
+    return pid, secret, start
+
+
 async def test_a_key_resolved_at_the_authority_fills_its_project_in_the_same_call(
     authority: AuthorityServer,
     authority_stub: pb_grpc.CreditServiceAsyncStub,
@@ -499,11 +511,7 @@ async def test_an_event_after_the_keys_snapshot_is_applied_after_it(
     """A top-up the Watch delivers between the key's snapshot and its write to Redis is not
     lost: nothing applied it (the project was not cached), so the offer replays it."""
     token = authority.config.admin_token
-    pid = new_project_id()
-    await make_wallet(authority_stub, token, pid, balance=100)
-    secret = await _issue_key(authority_stub, token, pid)
-    start = await auth_client.get_snapshot(pid)
-    assert start is not None
+    pid, secret, start = await _keyed_project(authority_stub, auth_client, token)
     async with watching(filler, registry, start.cursor) as watch:
         with filler.recording() as recording:
             key, snapshot = await auth_client.resolve_api_key_with_snapshot(hash_secret(secret))
@@ -569,11 +577,7 @@ async def test_an_event_at_any_await_of_the_key_resolution_is_applied(
     of them (after the authority answered) ends up in Redis. Found in review: the recording
     used to end before the key mapping's SET, and offer() started after it."""
     token = authority.config.admin_token
-    pid = new_project_id()
-    await make_wallet(authority_stub, token, pid, balance=100)
-    secret = await _issue_key(authority_stub, token, pid)
-    start = await auth_client.get_snapshot(pid)
-    assert start is not None
+    pid, secret, start = await _keyed_project(authority_stub, auth_client, token)
     async with watching(filler, registry, start.cursor) as watch:
 
         class DeliveredDuringSet:
