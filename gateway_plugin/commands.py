@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 from aiohttp import web
 
@@ -49,6 +50,7 @@ class ServeOptions:
     shutdown_timeout: float = 30.0
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
+    encoded_slashes: Literal["reject", "keep"] = "reject"
     dashboard: bool = True
 
 
@@ -80,6 +82,7 @@ def _build_app(opts: ServeOptions) -> web.Application:
         upstream=opts.upstream,
         connect_timeout=opts.connect_timeout,
         read_timeout=opts.read_timeout,
+        encoded_slashes=opts.encoded_slashes,
     )
     return build_gateway_app(config, proxy, dashboard=opts.dashboard)
 
@@ -233,6 +236,7 @@ def _serve_cmd(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         connect_timeout=args.connect_timeout,
         read_timeout=args.read_timeout,
+        encoded_slashes=args.encoded_slashes,
         dashboard=not args.no_dashboard,
     )
     if opts.workers > 1:
@@ -317,6 +321,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=60.0,
         help="longest upstream silence in seconds before 504 (default 60)",
+    )
+    s.add_argument(
+        "--encoded-slashes",
+        choices=("reject", "keep"),
+        default="reject",
+        help="a path with %%2F or a backslash: reject (400, default) or keep it inside its "
+        "segment, for upstreams that route it so",
     )
     s.add_argument(
         "--no-dashboard", action="store_true", help="do not serve /_creditgate/dashboard"

@@ -79,7 +79,10 @@ def make_middleware(state: GatewayState) -> Middleware:
 
     @web.middleware
     async def creditgate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
+        # SECURITY: the policy matches the path the router matched, `path_safe` (decoded except
+        # %2F and %25). The fully decoded `request.path` would turn /v1/a%2Fb, which the router
+        # gives to /v1/{model}, into /v1/a/b: a different policy route, or none (unmetered).
+        path = request.rel_url.path_safe
         route = match(request.method, path)
         if route is None:
             if unmatched_pass or request.match_info.handler in exempt:

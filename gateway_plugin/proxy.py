@@ -10,11 +10,15 @@ import ipaddress
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -65,8 +69,12 @@ class ProxyConfig:
     max_connections: int = 1000
     # Peers whose X-Forwarded-* headers are extended rather than replaced (IPs or CIDRs).
     trusted_proxies: tuple[str, ...] = ()
-    # RFC 9457 `type` of the proxy's own 502/504 answers = base + slug (as the plugin's).
+    # RFC 9457 `type` of the proxy's own 400/502/504 answers = base + slug (as the plugin's).
     problem_type_base: str = DEFAULT_PROBLEM_TYPE_BASE
+    # A path with an encoded "/" (%2F) or a backslash (%5C or bare): "reject" answers 400,
+    # because upstreams differ on whether it separates segments; "keep" forwards it inside its
+    # segment (for upstreams that route it so: IDs with slashes), and the policy matches so.
+    encoded_slashes: Literal["reject", "keep"] = "reject"
 
 
 PROXY_CONFIG = web.AppKey("creditgate_proxy_config", ProxyConfig)
@@ -143,6 +151,70 @@ def downstream_response_headers(headers: CIMultiDict[str] | Mapping[str, str]) -
         if name.lower() not in drop:
             out.add(name, value)
     return out
+
+
+# SECURITY: what the gateway meters must be what the upstream serves. A path an upstream could
+# read as another one is made canonical before the policy sees it, and forwarded so.
+_ENCODED_SEPARATOR = re.compile(r"%(?:2[fF]|5[cC])|\\")
+
+
+class AmbiguousPath(ValueError):
+    """A request path the gateway refuses to forward (see ProxyConfig.encoded_slashes)."""
+
+
+def canonical_url(url: URL, encoded_slashes: Literal["reject", "keep"] = "reject") -> URL:
+    """The request URL the gateway meters and forwards: `url` itself when it is canonical.
+
+    Dot segments, including encoded ones (%2E%2E), are resolved (RFC 3986 5.2.4) and empty
+    segments ("//") merged, as most upstream servers do before routing. Every other byte of
+    the path stays as the client encoded it; the query is kept. Raises AmbiguousPath for an
+    encoded "/" or a backslash when `encoded_slashes` is "reject".
+    """
+    raw = url.raw_path
+    if "%" not in raw and "//" not in raw and "/." not in raw and "\\" not in raw:
+        return url
+    if encoded_slashes == "reject" and _ENCODED_SEPARATOR.search(raw):
+        raise AmbiguousPath(
+            f"the path {raw!r} has an encoded '/' or a backslash, which servers read differently"
+        )
+    segments = raw.split("/")[1:]
+    out: list[str] = []
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
+        name = unquote(seg) if "%" in seg else seg
+        if name in (".", ".."):
+            if name == ".." and out:
+                out.pop()
+            if i == last:
+                out.append("")  # "/a/b/.." is "/a/": the result names a directory
+            continue
+        if seg == "" and i != last:
+            continue
+        out.append(seg)
+    path = "/" + "/".join(out)
+    if path == raw:
+        return url
+    return url.with_path(path, encoded=True, keep_query=True)
+
+
+def canonical_paths_middleware(cfg: ProxyConfig) -> Middleware:
+    """Outermost middleware of the standalone gateway: the plugin and the proxy handler both
+    see the canonical URL (canonical_url); an ambiguous path is answered 400."""
+
+    @web.middleware
+    async def canonical_paths(request: web.Request, handler: Handler) -> web.StreamResponse:
+        url = request.rel_url
+        try:
+            target = canonical_url(url, cfg.encoded_slashes)
+        except AmbiguousPath as exc:
+            return problem(
+                cfg.problem_type_base, 400, "invalid-request", "Invalid request", str(exc)
+            )
+        if target is not url:
+            request = request.clone(rel_url=target)
+        return await handler(request)
+
+    return canonical_paths
 
 
 def upstream_url(base: str, raw_path: str) -> URL:
@@ -271,6 +343,8 @@ def build_gateway_app(
         proxy = dataclasses.replace(proxy, trusted_proxies=config.trusted_proxies)
     if proxy.problem_type_base == DEFAULT_PROBLEM_TYPE_BASE:
         proxy = dataclasses.replace(proxy, problem_type_base=config.problem_type_base)
+    # Outermost, so that the plugin's policy matches the URL that is forwarded.
+    app.middlewares.insert(0, canonical_paths_middleware(proxy))
     add_proxy(app, proxy)
     return app
 

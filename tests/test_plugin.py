@@ -16,6 +16,7 @@ import http_sfv
 import pytest
 from aiohttp import ClientResponse, web
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from admission.policy import parse_policy
 from creditservice.clock import ManualClock
@@ -59,7 +60,7 @@ async def problem(resp: ClientResponse, status: int, reason: str) -> dict[str, A
     body: dict[str, Any] = await resp.json(content_type=PROBLEM)
     assert body["type"] == f"urn:creditgate:problem:{reason}"
     assert body["status"] == status
-    assert body["instance"] == resp.url.path
+    assert body["instance"] == resp.url.raw_path
     assert body["title"]
     assert body["detail"]
     return body
@@ -543,6 +544,54 @@ async def test_sub_app_leaves_parent_routes_alone(
     assert state.engine is not None
     assert child[GATEWAY_KEY] is state
     assert GATEWAY_KEY not in parent
+
+
+ENCODED_SLASH_POLICY = """
+[settings]
+unmatched = "pass"
+
+[[routes]]
+name = "model"
+method = "GET"
+path = "/v1/{model}"
+cost = 10
+
+[[routes]]
+name = "cheap"
+method = "GET"
+path = "/v1/cheap/**"
+cost = 1
+"""
+
+
+async def test_the_policy_matches_the_path_the_router_matched(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    """An encoded "/" stays inside its segment for the policy, as it does for aiohttp's router.
+
+    Matched against the decoded path, /v1/a%2Fb read as /v1/a/b: no policy route, so with
+    `unmatched = "pass"` the /v1/{model} handler ran unmetered; and /v1/cheap%2Fx, which the
+    router also gives to /v1/{model}, was charged as the cheap route.
+    """
+
+    async def model(request: web.Request) -> web.Response:
+        return web.Response(text=f"{request.match_info['model']} {usage(request).hold_amount}")
+
+    gw = await gateway_factory([("GET", "/v1/{model}", model)], policy_text=ENCODED_SLASH_POLICY)
+    project, secret = await project_factory(1000)
+    for raw in ("/v1/a%2Fb", "/v1/cheap%2Fx"):
+        resp = await gw.client.get(URL(raw, encoded=True))
+        body = await problem(resp, 401, "missing-credential")
+        assert body["instance"] == raw
+    resp = await gw.client.get(URL("/v1/a%2Fb", encoded=True), headers=bearer(secret))
+    assert (resp.status, await resp.text()) == (200, "a/b 10")
+    resp = await gw.client.get(URL("/v1/cheap%2Fx", encoded=True), headers=bearer(secret))
+    assert (resp.status, await resp.text()) == (200, "cheap/x 10")
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (20, 2)
 
 
 async def test_setup_after_start_is_refused(gateway_factory: GatewayFactory) -> None:

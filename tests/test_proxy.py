@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from admission import keys
 from admission.policy import parse_policy
@@ -27,8 +28,10 @@ from creditservice.server import AuthorityServer
 from gateway_plugin.config import GatewayConfig
 from gateway_plugin.plugin import GATEWAY_KEY
 from gateway_plugin.proxy import (
+    AmbiguousPath,
     ProxyConfig,
     build_gateway_app,
+    canonical_url,
     downstream_response_headers,
     upstream_request_headers,
     upstream_url,
@@ -159,6 +162,41 @@ def test_upstream_url_keeps_prefix_and_raw_target() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("target", "canonical"),
+    [
+        ("/v1/x?q=1", "/v1/x?q=1"),
+        ("/", "/"),
+        ("/.well-known/x", "/.well-known/x"),
+        ("/a%20b/%C3%A9?q=a%2Fb", "/a%20b/%C3%A9?q=a%2Fb"),  # only the path is looked at
+        ("/open/%2E%2E/v1/x", "/v1/x"),
+        ("/open/.%2e/v1/x?q=%2F", "/v1/x?q=%2F"),
+        ("/v1//x", "/v1/x"),
+        ("/v1/x/%2E/y/", "/v1/x/y/"),
+        ("/v1/x/%2e%2E", "/v1/"),
+        ("/v1/x/%2E", "/v1/x/"),
+        ("/%2E%2E/%2E%2E/v1/x", "/v1/x"),
+        ("/v1/x%252Fy", "/v1/x%252Fy"),  # an encoded "%": data, not a separator
+    ],
+)
+def test_canonical_url_resolves_what_upstreams_resolve(target: str, canonical: str) -> None:
+    url = URL(target, encoded=True)
+    got = canonical_url(url)
+    assert str(got) == canonical
+    assert (got is url) == (target == canonical)
+    assert canonical_url(url, "keep") == got
+
+
+@pytest.mark.parametrize(
+    "target", ["/v1/a%2Fb", "/v1/a%2fb", "/v1/a%5Cb", "/v1/a\\b", "/v1/..%2Fx"]
+)
+def test_canonical_url_refuses_an_encoded_separator_unless_kept(target: str) -> None:
+    url = URL(target, encoded=True)
+    with pytest.raises(AmbiguousPath, match="encoded '/' or a backslash"):
+        canonical_url(url)
+    assert canonical_url(url, "keep") is url  # one segment, forwarded as sent
+
+
 # ---------------------------------------------------------------- the proxy, end to end
 
 
@@ -171,6 +209,7 @@ class Upstream:
         self.client_got_first_chunk = asyncio.Event()
         self.never = asyncio.Event()
         self.hanging = asyncio.Event()
+        self.targets: list[str] = []
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -181,7 +220,13 @@ class Upstream:
         app.router.add_get("/v1/hang", self.hang)
         app.router.add_get("/v1/fail", self.fail)
         app.router.add_get("/v1/hop", self.hop)
+        app.router.add_route("*", "/{tail:.*}", self.record)
         return app
+
+    async def record(self, request: web.Request) -> web.Response:
+        # The request target exactly as it arrived (aiohttp's raw_path is the target as sent).
+        self.targets.append(request.raw_path)
+        return web.Response(text="recorded")
 
     async def echo(self, request: web.Request) -> web.Response:
         self.seen_headers.append(CIMultiDict(request.headers))
@@ -239,9 +284,11 @@ GatewayMaker = Callable[..., Awaitable[TestClient[web.Request, web.Application]]
 @pytest.fixture
 def make_gateway(authority: AuthorityServer, redis_url: str, aiohttp_client: Any) -> GatewayMaker:
     # aiohttp_client after the authority: the gateway stops (draining its outbox) first.
-    async def make(upstream_base: str, **proxy: Any) -> TestClient[web.Request, web.Application]:
+    async def make(
+        upstream_base: str, *, policy: str = POLICY, **proxy: Any
+    ) -> TestClient[web.Request, web.Application]:
         cfg = GatewayConfig(
-            policy=parse_policy(POLICY, "proxy-policy.toml"),
+            policy=parse_policy(policy, "proxy-policy.toml"),
             redis_url=redis_url,
             authority_target=authority.grpc_target,
             authority_token=authority.config.admin_token,
@@ -335,6 +382,72 @@ async def test_streaming_both_ways_and_ledger(
     await settle(client)
     # The 503 released its hold: only the two uploads and the download are charged.
     await wait_usage(authority_stub, authority.config.admin_token, project, (3 * COST, 3))
+
+
+PASS_POLICY = POLICY.replace('unmatched = "deny"', 'unmatched = "pass"')
+ALTERED_TARGETS = [
+    ("/open/%2E%2E/v1/echo", "/v1/echo"),
+    ("/open/.%2e/v1/x?q=a%2Fb", "/v1/x?q=a%2Fb"),
+    ("/v1//x", "/v1/x"),
+    ("/v1/x/%2E/y", "/v1/x/y"),
+]
+
+
+async def test_what_is_forwarded_is_what_was_metered(
+    upstream: tuple[Upstream, TestServer],
+    make_gateway: GatewayMaker,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: Any,
+) -> None:
+    """A path an upstream would resolve to a metered route is metered as that route.
+
+    Before, /open/%2E%2E/v1/echo matched no policy route (the policy saw "/open/../v1/echo")
+    and, with `unmatched = "pass"`, reached the upstream unmetered, which resolves it to
+    /v1/echo as most servers do. Now the gateway resolves it, meters it and forwards that.
+    """
+    up, server = upstream
+    client = await make_gateway(base_url(server), policy=PASS_POLICY)
+    project, secret = await project_factory(1000)
+    for target, _ in ALTERED_TARGETS:
+        resp = await client.get(URL(target, encoded=True))
+        assert resp.status == 401, (target, await resp.text())
+    assert up.targets == [] and up.seen_headers == []
+    for target, _ in ALTERED_TARGETS:
+        resp = await client.get(URL(target, encoded=True), headers=bearer(secret))
+        assert resp.status == 200, (target, await resp.text())
+    assert up.targets == [f for t, f in ALTERED_TARGETS if f != "/v1/echo"]
+    assert len(up.seen_headers) == 1  # /v1/echo
+    await settle(client)
+    await wait_usage(authority_stub, authority.config.admin_token, project, (4 * COST, 4))
+
+
+async def test_an_encoded_slash_is_refused_or_kept_as_configured(
+    upstream: tuple[Upstream, TestServer],
+    make_gateway: GatewayMaker,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: Any,
+) -> None:
+    up, server = upstream
+    _, secret = await project_factory(1000)
+    strict = await make_gateway(base_url(server), policy=PASS_POLICY)
+    for target in ("/v1/a%2Fb", "/open%2F..%2Fv1%2Fx", "/v1/a%5Cb"):
+        resp = await strict.get(URL(target, encoded=True), headers=bearer(secret))
+        assert resp.status == 400
+        assert resp.content_type == "application/problem+json"
+        body = await resp.json(content_type="application/problem+json")
+        assert body["type"] == "urn:creditgate:problem:invalid-request"
+        assert "encoded '/'" in body["detail"]
+    assert up.targets == []
+
+    project, secret = await project_factory(1000)
+    keeping = await make_gateway(base_url(server), policy=PASS_POLICY, encoded_slashes="keep")
+    resp = await keeping.get(URL("/v1/a%2Fb", encoded=True), headers=bearer(secret))
+    assert resp.status == 200
+    assert up.targets == ["/v1/a%2Fb"]
+    await settle(keeping)
+    await wait_usage(authority_stub, authority.config.admin_token, project, (COST, 1))
 
 
 async def test_headers_forwarded_and_credential_kept_at_the_gateway(
@@ -516,6 +629,25 @@ def _running(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def test_serve_options_carry_the_encoded_slashes_choice(tmp_path: Path) -> None:
+    from gateway_plugin.cli import build_parser
+    from gateway_plugin.commands import ServeOptions, _build_app
+    from gateway_plugin.proxy import PROXY_CONFIG
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    base = ["gateway", "serve", "--policy", str(policy), "--upstream", "http://127.0.0.1:9"]
+    parser = build_parser()
+    assert parser.parse_args(base).encoded_slashes == "reject"
+    assert parser.parse_args([*base, "--encoded-slashes", "keep"]).encoded_slashes == "keep"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--encoded-slashes", "decode"])
+    app = _build_app(
+        ServeOptions(policy=str(policy), upstream="http://127.0.0.1:9", encoded_slashes="keep")
+    )
+    assert app[PROXY_CONFIG].encoded_slashes == "keep"
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_serve_command_smoke(
     workers: int,
@@ -544,6 +676,11 @@ async def test_serve_command_smoke(
                     f"http://127.0.0.1:{port}/v1/echo?i={i}", headers=bearer(secret)
                 ) as r:
                     assert r.status == 200, await r.text()
+            # The served gateway makes paths canonical before admission (default: reject %2F).
+            async with http.get(
+                URL(f"http://127.0.0.1:{port}/v1/a%2Fb", encoded=True), headers=bearer(secret)
+            ) as r:
+                assert r.status == 400, await r.text()
             # /metrics merges every worker's counts; a worker that is not the one scraped
             # folds its per-request counts into the shared files once a second.
             deadline = loop.time() + 10
