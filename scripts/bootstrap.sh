@@ -43,3 +43,12 @@ if [ -z "${CREDITGATE_TEST_PG_DSN:-}" ] && ! pg_up; then
 fi
 
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
+# pip -q hides the build's warnings: say which build the install made, and how to see why
+# when compiling fell back to the (slower) Python source.
+python3 -c 'import sys
+from admission import native
+choice = native.status()
+print("bootstrap: hot path", choice.reason)
+if not choice.compiled:
+    print("bootstrap: WARNING: the hot path is not compiled; `pip install -v -e .` shows why",
+          file=sys.stderr)'
