@@ -281,18 +281,20 @@ class Flusher:
             await self._wait_for_new(take, batch)
 
     async def _read_own_pending(self, shard: int, batch: Batch, take: _Take) -> None:
+        # drain() may replay while run() still does (tests, a shutdown racing a cycle): the
+        # cursor can be gone or moved by the other one; the authority dedups a re-sent event.
+        start = self._replay_from.get(shard)
+        if start is None:
+            return
         room = max(self.batch_size - len(batch), 1)
         reply = await self.redis.xreadgroup(
-            keys.OUTBOX_GROUP,
-            self.consumer,
-            {keys.outbox(shard): self._replay_from[shard]},
-            count=room,
+            keys.OUTBOX_GROUP, self.consumer, {keys.outbox(shard): start}, count=room
         )
         raw_ids = [_text(i) for _, entries in _stream_entries(reply) for i, _ in entries]
         if raw_ids:
             self._replay_from[shard] = max(raw_ids, key=_id_key)
         else:
-            del self._replay_from[shard]
+            self._replay_from.pop(shard, None)
         take(self._parse(shard, reply, batch))
 
     async def _reclaim(self, shard: int, batch: Batch, take: _Take) -> None:
