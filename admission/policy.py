@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -115,12 +115,46 @@ class Policy:
 
 def _method_pattern(method: str) -> str:
     if method == "*":
-        return "[A-Z]+"
+        # Any method token (RFC 9110 9.1), M-SEARCH included: "*" routes of aiohttp take it too.
+        return "[^ ]+"
     if method == "GET":
         # SECURITY: servers answer HEAD with the GET handler (RFC 9110 9.3.2); a GET route that
         # let HEAD through would do the same work unmetered.
         return "(?:GET|HEAD)"
     return re.escape(method)
+
+
+def resolve_segments(segments: list[str], decode: Callable[[str], str] | None = None) -> list[str]:
+    """A path's segments as most servers read them: "." and ".." resolved (RFC 3986 5.2.4)
+    and empty segments merged, a trailing slash kept. `decode` turns a segment into the text
+    compared with "." and ".." (the segments themselves are returned as given)."""
+    out: list[str] = []
+    last = len(segments) - 1
+    for i, seg in enumerate(segments):
+        name = decode(seg) if decode is not None else seg
+        if name in (".", ".."):
+            if name == ".." and out:
+                out.pop()
+            if i == last:
+                out.append("")  # "/a/b/.." is "/a/": the result names a directory
+            continue
+        if seg == "" and i != last:
+            continue
+        out.append(seg)
+    return out
+
+
+def ambiguous_route(policy: Policy, method: str, path: str, route: Route | None) -> bool:
+    """True when `path` (as the router matched it) has dot or empty segments and, once they
+    are resolved as a server might, names another policy route than `route`.
+
+    Routers differ here: aiohttp's dynamic routes take "/v1/." as it is, its static files
+    resolve it. A request the two readings meter differently is refused.
+    """
+    if "/." not in path and "//" not in path:
+        return False
+    resolved = "/" + "/".join(resolve_segments(path.split("/")[1:]))
+    return resolved != path and policy.match(method, resolved) is not route
 
 
 def load_policy(path: str | Path) -> Policy:
@@ -196,7 +230,8 @@ class _Parser:
                 f"(?P<r{i}>{_method_pattern(r.method)} {compile_path(r.path)})"
                 for i, r in enumerate(routes)
             ]
-            regex = re.compile("|".join(alts))
+            # DOTALL: a path may hold a decoded newline (%0A), which `**` must cover too.
+            regex = re.compile("|".join(alts), re.DOTALL)
         return Policy(
             settings=settings,
             quotas=MappingProxyType(quotas),

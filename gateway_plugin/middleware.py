@@ -34,6 +34,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from admission.decision import Decision, Hold, Reason, SettleOutcome
+from admission.policy import ambiguous_route
 from gateway_plugin import headers as hdr
 from gateway_plugin.handle import USAGE_KEY, UsageHandle
 from gateway_plugin.metrics import ADMISSION_BUCKETS
@@ -84,6 +85,8 @@ def make_middleware(state: GatewayState) -> Middleware:
         # gives to /v1/{model}, into /v1/a/b: a different policy route, or none (unmetered).
         path = request.rel_url.path_safe
         route = match(request.method, path)
+        if ("/." in path or "//" in path) and ambiguous_route(policy, request.method, path, route):
+            return _deny(state, _ambiguous_path(path), request)
         if route is None:
             if unmatched_pass or request.match_info.handler in exempt:
                 return await handler(request)
@@ -94,7 +97,7 @@ def make_middleware(state: GatewayState) -> Middleware:
                     reason=Reason.INVALID_REQUEST,
                     detail=f"no admission route matches {request.method} {path}",
                 ),
-                path,
+                request,
             )
         if request.match_info.handler in exempt:
             return await handler(request)
@@ -129,7 +132,7 @@ def make_middleware(state: GatewayState) -> Middleware:
             project_decisions.record(decision.project_id, decision.admitted)
         if not decision.admitted:
             denied_counts[decision.reason] += 1
-            return _deny(state, decision, path)
+            return _deny(state, decision, request)
         admitted_counts[decision.reason] += 1
         if decision.would_deny is not None:
             metrics.shadow_would_deny.labels(decision.would_deny.value).inc()
@@ -174,10 +177,18 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
         hdr.apply_admitted(response.headers, handle.decision)
 
 
-def _deny(state: GatewayState, decision: Decision, path: str) -> web.Response:
+def _ambiguous_path(path: str) -> Decision:
+    detail = (
+        f"the path {path!r} names another admission route once its '.', '..' and empty "
+        "segments are resolved"
+    )
+    return Decision(admitted=False, reason=Reason.INVALID_REQUEST, detail=detail)
+
+
+def _deny(state: GatewayState, decision: Decision, request: web.Request) -> web.Response:
     return problem_response(
         decision,
-        path,
+        request.rel_url.raw_path,  # `instance`: a URI reference, as the client sent it
         type_base=state.config.problem_type_base,
         default_retry_after=state.retry_after_defaults.get(decision.reason, 1),
     )

@@ -25,7 +25,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.multiprocess import MultiProcessCollector
 from yarl import URL
 
-from admission.policy import Policy, load_policy
+from admission.policy import Policy, load_policy, resolve_segments
 from gateway_plugin.config import DEFAULT_PROBLEM_TYPE_BASE, GatewayConfig
 from gateway_plugin.handle import USAGE_KEY
 
@@ -168,7 +168,8 @@ def canonical_url(url: URL, encoded_slashes: Literal["reject", "keep"] = "reject
     Dot segments, including encoded ones (%2E%2E), are resolved (RFC 3986 5.2.4) and empty
     segments ("//") merged, as most upstream servers do before routing. Every other byte of
     the path stays as the client encoded it; the query is kept. Raises AmbiguousPath for an
-    encoded "/" or a backslash when `encoded_slashes` is "reject".
+    encoded "/" or a backslash when `encoded_slashes` is "reject", and for a dot segment with
+    ";" parameters ("..;x"), which servlet containers read as "..".
     """
     raw = url.raw_path
     if "%" not in raw and "//" not in raw and "/." not in raw and "\\" not in raw:
@@ -178,19 +179,11 @@ def canonical_url(url: URL, encoded_slashes: Literal["reject", "keep"] = "reject
             f"the path {raw!r} has an encoded '/' or a backslash, which servers read differently"
         )
     segments = raw.split("/")[1:]
-    out: list[str] = []
-    last = len(segments) - 1
-    for i, seg in enumerate(segments):
-        name = unquote(seg) if "%" in seg else seg
-        if name in (".", ".."):
-            if name == ".." and out:
-                out.pop()
-            if i == last:
-                out.append("")  # "/a/b/.." is "/a/": the result names a directory
-            continue
-        if seg == "" and i != last:
-            continue
-        out.append(seg)
+    for seg in segments:
+        # Servlet containers drop ";params" before resolving: "..;x" is ".." to them.
+        if ";" in seg and unquote(seg).partition(";")[0] in (".", ".."):
+            raise AmbiguousPath(f"the path {raw!r} has a dot segment with ';' parameters")
+    out = resolve_segments(segments, unquote)
     path = "/" + "/".join(out)
     if path == raw:
         return url
@@ -210,15 +203,22 @@ def canonical_paths_middleware(cfg: ProxyConfig) -> Middleware:
             return problem(
                 cfg.problem_type_base, 400, "invalid-request", "Invalid request", str(exc)
             )
-        if target is not url:
-            request = request.clone(rel_url=target)
-        return await handler(request)
+        if target is url:
+            return await handler(request)
+        clone = request.clone(rel_url=target)
+        try:
+            return await handler(clone)
+        finally:
+            # aiohttp prepares a response the handler returned unprepared (or an HTTPException
+            # it raised) with the original request: on_response_prepare must find the state the
+            # plugin put on the clone (the usage handle) there too.
+            request.update(clone)
 
     return canonical_paths
 
 
 def upstream_url(base: str, raw_path: str) -> URL:
-    """Join the upstream base (which may carry a path prefix) and the raw request target."""
+    """Join the upstream base (which may carry a path prefix) and an origin-form target."""
     return URL(base.rstrip("/") + raw_path, encoded=True)
 
 
@@ -253,7 +253,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         trust_forwarded=is_trusted(request.remote, cfg.trusted_proxies),
     )
     data = _body(request, cfg.chunk_size) if request.body_exists else None
-    url = upstream_url(cfg.upstream, request.raw_path)
+    # The path and query of the URL the plugin metered: never the raw request target, which
+    # may be absolute-form ("GET http://host/path") and is not canonical.
+    url = upstream_url(cfg.upstream, request.rel_url.raw_path_qs)
     try:
         upstream = await session.request(
             request.method, url, headers=headers, data=data, allow_redirects=False

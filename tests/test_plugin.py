@@ -594,6 +594,68 @@ async def test_the_policy_matches_the_path_the_router_matched(
     assert await usage_sum(authority_stub, authority.config.admin_token, project) == (20, 2)
 
 
+PATH_READINGS_POLICY = """
+[settings]
+unmatched = "pass"
+
+[[routes]]
+name = "dataset"
+method = "GET"
+path = "/files/dataset.bin"
+cost = 100
+
+[[routes]]
+name = "chat"
+method = "*"
+path = "/v1/chat/**"
+cost = 10
+"""
+
+
+async def test_no_reading_of_the_path_reaches_a_handler_unmetered(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    tmp_path: Path,
+) -> None:
+    """Each of these reached its handler without a credential before (all found in review):
+
+    - aiohttp's static files resolve dot segments, which the policy read as they stood;
+    - a decoded newline (%0A) stopped "**" (a regex "." without DOTALL);
+    - `method = "*"` meant [A-Z]+, and aiohttp's "*" routes take M-SEARCH.
+    """
+
+    async def chat(request: web.Request) -> web.Response:
+        return web.Response(text=f"{request.match_info['id']!r} {usage(request).hold_amount}")
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "dataset.bin").write_text("EXPENSIVE")
+    gw = await gateway_factory(
+        [("*", "/v1/chat/{id}", chat)],
+        policy_text=PATH_READINGS_POLICY,
+        static=("/files", tmp_path),
+    )
+    project, secret = await project_factory(1000)
+    await problem(await gw.client.get("/files/dataset.bin"), 401, "missing-credential")
+    for raw in ("/files/sub/%2e%2e/dataset.bin", "/files/%2E/dataset.bin"):
+        resp = await gw.client.get(URL(raw, encoded=True), headers=bearer(secret))
+        body = await problem(resp, 400, "invalid-request")
+        assert "once its '.', '..' and empty segments are resolved" in body["detail"]
+    newline = URL("/v1/chat/a%0Ab", encoded=True)
+    await problem(await gw.client.get(newline), 401, "missing-credential")
+    await problem(await gw.client.request("M-SEARCH", "/v1/chat/x"), 401, "missing-credential")
+
+    resp = await gw.client.get(newline, headers=bearer(secret))
+    assert (resp.status, await resp.text()) == (200, "'a\\nb' 10")
+    resp = await gw.client.request("M-SEARCH", "/v1/chat/x", headers=bearer(secret))
+    assert (resp.status, await resp.text()) == (200, "'x' 10")
+    resp = await gw.client.get("/files/dataset.bin", headers=bearer(secret))
+    assert (resp.status, await resp.text()) == (200, "EXPENSIVE")
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (120, 3)
+
+
 async def test_setup_after_start_is_refused(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory(BASIC_ROUTES)
     with pytest.raises(RuntimeError, match="before the application starts"):

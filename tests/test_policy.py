@@ -8,7 +8,13 @@ import pytest
 
 from admission.decision import QuotaKind
 from admission.errors import PolicyError
-from admission.policy import Settings, load_policy, parse_policy
+from admission.policy import (
+    Settings,
+    ambiguous_route,
+    load_policy,
+    parse_policy,
+    resolve_segments,
+)
 from tests.fixtures_admission import TEST_POLICY
 
 EXAMPLE = """\
@@ -91,6 +97,11 @@ def test_load_policy_from_file(tmp_path: Path) -> None:
         ("PATCH", "/v2/shop/items/1/2", "any-v2"),
         ("GET", "/v2/shop/other", None),
         ("GET", "/", None),
+        # SECURITY: a decoded %0A is part of the path: "**" covers it, "*" segments too.
+        ("POST", "/v1/chat/a\nb", "chat"),
+        ("GET", "/v1/models/g\npt/info", "model"),
+        # "*" is any method token, as aiohttp's "*" routes take them.
+        ("M-SEARCH", "/v2/shop/items", "any-v2"),
     ],
 )
 def test_match(method: str, path: str, route: str | None) -> None:
@@ -150,6 +161,41 @@ path = "/b"
     assert p.match("HEAD", "/a/probe").name == "probe"  # type: ignore[union-attr]
     assert p.match("GET", "/a/probe").name == "read"  # type: ignore[union-attr]
     assert p.match("HEAD", "/b") is None
+
+
+@pytest.mark.parametrize(
+    ("segments", "resolved"),
+    [
+        (["a", "b"], ["a", "b"]),
+        (["a", ".", "b"], ["a", "b"]),
+        (["a", "..", "b"], ["b"]),
+        (["..", "..", "a"], ["a"]),
+        (["a", "b", ".."], ["a", ""]),
+        (["a", "."], ["a", ""]),
+        (["a", "", "b", ""], ["a", "b", ""]),
+        ([""], [""]),
+    ],
+)
+def test_resolve_segments(segments: list[str], resolved: list[str]) -> None:
+    assert resolve_segments(segments) == resolved
+
+
+def test_a_path_whose_dot_segments_change_its_route_is_ambiguous() -> None:
+    p = parse_policy(EXAMPLE)
+    route = p.match("GET", "/v1/models/gpt/info")
+    assert not ambiguous_route(p, "GET", "/v1/models/gpt/info", route)
+    # Read as it stands "/v1/models/./info" is the model route; resolved it is no route.
+    path = "/v1/models/./info"
+    assert ambiguous_route(p, "GET", path, p.match("GET", path))
+    # Read as it stands no route; resolved, the model route.
+    path = "/v1/models/x/../gpt/info"
+    assert ambiguous_route(p, "GET", path, p.match("GET", path))
+    path = "/v1/models//gpt/info"
+    assert ambiguous_route(p, "GET", path, p.match("GET", path))
+    # Both readings agree: nothing to refuse.
+    path = "/v1/chat/./completions"
+    assert not ambiguous_route(p, "POST", path, p.match("POST", path))
+    assert not ambiguous_route(p, "GET", "/elsewhere/../else", None)
 
 
 def test_empty_policy() -> None:

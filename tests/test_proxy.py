@@ -197,6 +197,15 @@ def test_canonical_url_refuses_an_encoded_separator_unless_kept(target: str) -> 
     assert canonical_url(url, "keep") is url  # one segment, forwarded as sent
 
 
+@pytest.mark.parametrize("target", ["/open/..;/v1/x", "/open/%2e%2E;jsessionid=1/v1/x", "/a/.;x"])
+def test_canonical_url_refuses_a_dot_segment_with_parameters(target: str) -> None:
+    """Servlet containers drop ";params" and then resolve: "/open/..;/v1/x" is /v1/x there."""
+    for mode in ("reject", "keep"):
+        with pytest.raises(AmbiguousPath, match="dot segment with ';' parameters"):
+            canonical_url(URL(target, encoded=True), mode)  # type: ignore[arg-type]
+    assert canonical_url(URL("/a/b;v=1/c", encoded=True)) == URL("/a/b;v=1/c", encoded=True)
+
+
 # ---------------------------------------------------------------- the proxy, end to end
 
 
@@ -412,6 +421,8 @@ async def test_what_is_forwarded_is_what_was_metered(
     for target, _ in ALTERED_TARGETS:
         resp = await client.get(URL(target, encoded=True))
         assert resp.status == 401, (target, await resp.text())
+    # `method = "*"` is every method token, as the proxy's own "*" route takes them.
+    assert (await client.request("M-SEARCH", "/v1/echo")).status == 401
     assert up.targets == [] and up.seen_headers == []
     for target, _ in ALTERED_TARGETS:
         resp = await client.get(URL(target, encoded=True), headers=bearer(secret))
@@ -448,6 +459,38 @@ async def test_an_encoded_slash_is_refused_or_kept_as_configured(
     assert up.targets == ["/v1/a%2Fb"]
     await settle(keeping)
     await wait_usage(authority_stub, authority.config.admin_token, project, (COST, 1))
+
+
+async def test_an_absolute_form_target_is_forwarded_as_its_path(
+    upstream: tuple[Upstream, TestServer],
+    make_gateway: GatewayMaker,
+    project_factory: ProjectFactory,
+) -> None:
+    """ "GET http://x/v1/echo" is metered as /v1/echo, and /v1/echo is what goes upstream.
+
+    The raw target used to be appended to the upstream base: "http://u:1" + "http://x/..."
+    failed (500), a base with a path prefix sent "/apihttp://x/v1/echo", and one without a
+    port let the client choose the rest of the upstream's host name.
+    """
+    up, server = upstream
+    client = await make_gateway(base_url(server) + "/api", policy=PASS_POLICY)
+    _, secret = await project_factory(1000)
+    assert client.server.port is not None
+    for target, forwarded in (
+        ("http://x/v1/echo?a=1", "/api/v1/echo?a=1"),
+        ("http://x/v1//echo", "/api/v1/echo"),
+        ("evil://x/v1/other", "/api/v1/other"),
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        reply = await reader.read()
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+        assert up.targets[-1] == forwarded
 
 
 async def test_headers_forwarded_and_credential_kept_at_the_gateway(
@@ -510,8 +553,14 @@ async def test_upstream_down_is_502_and_released(
         problem = await r.json()
     assert problem["type"].endswith("upstream-unreachable")
     assert problem["status"] == 502
+    assert "RateLimit" in r.headers and "RateLimit-Policy" in r.headers
     async with client.get("/v1/open-but-unreachable", headers=bearer(secret)) as r:
         assert r.status == 502
+    # A path made canonical: the plugin admitted a clone of the request, and aiohttp prepares
+    # the unprepared 502 with the original one, which must carry the admission too.
+    async with client.get(URL("/v1//echo", encoded=True), headers=bearer(secret)) as r:
+        assert r.status == 502
+        assert "RateLimit" in r.headers and "RateLimit-Policy" in r.headers
     await settle(client)
     wallet = await credits_in_flight(client.app[GATEWAY_KEY], project)
     assert wallet == {"held": 0, "uns": 0}  # both holds released
