@@ -456,10 +456,12 @@ def orchestrate(args: argparse.Namespace) -> None:
         ]
         # Rounds, each running every server once in turn: the machine's speed drifts (other
         # tenants, clocks), and a drift then hits every server alike instead of one of them.
+        # Every other round runs them in reverse order: a server run right after another one
+        # was measured slower (the same build 4 us/request slower than itself, run second).
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
         cpu_s: dict[str, dict[str, float]] = {name: {} for name in servers}
-        for _ in range(args.repeat):
-            for name in servers:
+        for round_no in range(args.repeat):
+            for name in servers if round_no % 2 == 0 else reversed(servers):
                 run, cpu = _measure_server(name, common, secret, redis, authority, target, args)
                 runs[name].append(run)
                 for k, v in cpu.items():
