@@ -39,6 +39,7 @@ from gateway_plugin import headers as hdr
 from gateway_plugin.handle import USAGE_KEY, UsageHandle
 from gateway_plugin.metrics import ADMISSION_BUCKETS
 from gateway_plugin.problems import problem_response
+from gateway_plugin.statics import served_path_async
 
 if TYPE_CHECKING:
     from gateway_plugin.plugin import GatewayState
@@ -69,6 +70,7 @@ def make_middleware(state: GatewayState) -> Middleware:
     match = policy.match
     unmatched_pass = policy.settings.unmatched == "pass"
     exempt = state.exempt_handlers
+    statics = state.static_resources  # filled when the app starts
     metrics = state.metrics
     hot = metrics.hot  # plain counts, folded into Prometheus (gateway_plugin.metrics)
     latency = hot.latency
@@ -84,6 +86,13 @@ def make_middleware(state: GatewayState) -> Middleware:
         # %2F and %25). The fully decoded `request.path` would turn /v1/a%2Fb, which the router
         # gives to /v1/{model}, into /v1/a/b: a different policy route, or none (unmetered).
         path = request.rel_url.path_safe
+        if statics:
+            static = statics.get(request.match_info.handler)
+            if static is not None:
+                # A static file is metered as the file it serves, however the URL spells it.
+                served = await served_path_async(static, request.match_info["filename"])
+                if served is not None:
+                    path = served
         route = match(request.method, path)
         if ("/." in path or "//" in path) and ambiguous_route(policy, request.method, path, route):
             return _deny(state, _ambiguous_path(path), request)

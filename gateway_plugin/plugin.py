@@ -25,6 +25,7 @@ from gateway_plugin.config import GatewayConfig
 from gateway_plugin.headers import ratelimit_templates
 from gateway_plugin.metrics import GatewayMetrics, metrics_handler
 from gateway_plugin.middleware import make_middleware, on_response_prepare
+from gateway_plugin.statics import static_routes
 
 if TYPE_CHECKING:
     from admission.authority import AuthorityClient
@@ -68,6 +69,9 @@ class GatewayState:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     # Route handlers that bypass admission (the metrics endpoint); fixed once the app starts.
     exempt_handlers: set[Callable[..., Any]] = field(default_factory=set)
+    # The handlers of the app's static routes (sub-apps included), found when it starts: their
+    # requests are matched by the file they serve (gateway_plugin.statics).
+    static_resources: dict[Callable[..., Any], web.StaticResource] = field(default_factory=dict)
 
     async def wait_settled(self, within_s: float | None = None) -> None:
         """Waits (at most within_s) until every commit/release started so far is done
@@ -158,6 +162,8 @@ def _lifecycle(
     @contextlib.asynccontextmanager
     async def creditgate_lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            # The routers are frozen now: every static route is known.
+            state.static_resources.update(static_routes(app))
             await _start(state, stack)
             state.started.set()
             try:

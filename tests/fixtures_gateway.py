@@ -12,7 +12,6 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -213,7 +212,7 @@ class GatewayFactory(Protocol):
         sub_app: str | None = ...,
         redis_url: str | None = ...,
         server_kwargs: dict[str, Any] | None = ...,
-        static: tuple[str, Path] | None = ...,
+        static: dict[str, Any] | None = ...,
         **config: Any,
     ) -> Gateway: ...
 
@@ -252,7 +251,7 @@ def gateway_factory(
         sub_app: str | None = None,
         redis_url: str | None = None,
         server_kwargs: dict[str, Any] | None = None,
-        static: tuple[str, Path] | None = None,
+        static: dict[str, Any] | None = None,
         **config: Any,
     ) -> Gateway:
         registry = CollectorRegistry()
@@ -273,7 +272,7 @@ def gateway_factory(
         for method, path, handler in routes:
             target.router.add_route(method, path, handler)
         if static is not None:
-            target.router.add_static(*static)
+            target.router.add_static(**static)
         state = setup(target, cfg)
         if sub_app is not None:
             app.add_subapp(sub_app, target)

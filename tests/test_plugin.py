@@ -601,27 +601,36 @@ unmatched = "pass"
 [[routes]]
 name = "dataset"
 method = "GET"
-path = "/files/dataset.bin"
+path = "{prefix}/files/dataset.bin"
+cost = 100
+
+[[routes]]
+name = "deep"
+method = "GET"
+path = "{prefix}/files/deep/**"
 cost = 100
 
 [[routes]]
 name = "chat"
 method = "*"
-path = "/v1/chat/**"
+path = "{prefix}/v1/chat/**"
 cost = 10
 """
 
 
+@pytest.mark.parametrize("prefix", ["", "/api"])
 async def test_no_reading_of_the_path_reaches_a_handler_unmetered(
     gateway_factory: GatewayFactory,
     project_factory: ProjectFactory,
     authority: AuthorityServer,
     authority_stub: pb_grpc.CreditServiceAsyncStub,
     tmp_path: Path,
+    prefix: str,
 ) -> None:
-    """Each of these reached its handler without a credential before (all found in review):
+    """Each of these reached its handler without a credential before (two reviews found them):
 
-    - aiohttp's static files resolve dot segments, which the policy read as they stood;
+    - aiohttp's static files decode %2F, drop a trailing "/" or ".", and resolve ".." on
+      disk after following symlinks: they are metered as the file they serve;
     - a decoded newline (%0A) stopped "**" (a regex "." without DOTALL);
     - `method = "*"` meant [A-Z]+, and aiohttp's "*" routes take M-SEARCH.
     """
@@ -630,30 +639,66 @@ async def test_no_reading_of_the_path_reaches_a_handler_unmetered(
         return web.Response(text=f"{request.match_info['id']!r} {usage(request).hold_amount}")
 
     (tmp_path / "sub").mkdir()
+    (tmp_path / "deep" / "inner").mkdir(parents=True)
     (tmp_path / "dataset.bin").write_text("EXPENSIVE")
+    (tmp_path / "deep" / "secret.bin").write_text("SECRET")
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "inner")
     gw = await gateway_factory(
         [("*", "/v1/chat/{id}", chat)],
-        policy_text=PATH_READINGS_POLICY,
-        static=("/files", tmp_path),
+        policy_text=PATH_READINGS_POLICY.format(prefix=prefix),
+        sub_app=prefix or None,
+        static={"prefix": "/files", "path": tmp_path},
     )
     project, secret = await project_factory(1000)
-    await problem(await gw.client.get("/files/dataset.bin"), 401, "missing-credential")
-    for raw in ("/files/sub/%2e%2e/dataset.bin", "/files/%2E/dataset.bin"):
-        resp = await gw.client.get(URL(raw, encoded=True), headers=bearer(secret))
-        body = await problem(resp, 400, "invalid-request")
-        assert "once its '.', '..' and empty segments are resolved" in body["detail"]
-    newline = URL("/v1/chat/a%0Ab", encoded=True)
-    await problem(await gw.client.get(newline), 401, "missing-credential")
-    await problem(await gw.client.request("M-SEARCH", "/v1/chat/x"), 401, "missing-credential")
+    dataset = [
+        "/files/dataset.bin",
+        "/files/sub/%2e%2e/dataset.bin",
+        "/files/%2E/dataset.bin",
+        "/files/x%2F..%2Fdataset.bin",
+        "/files/.%2Fdataset.bin",
+        "/files/dataset.bin/",
+        "/files/dataset.bin//",
+        "/files/dataset.bin/%2e",
+    ]
+    deep = [
+        "/files/deep%2Fsecret.bin",
+        "/files/link/%2e%2e/secret.bin",
+    ]
+    for raw in [*dataset, *deep, "/v1/chat/a%0Ab"]:
+        resp = await gw.client.get(URL(prefix + raw, encoded=True))
+        await problem(resp, 401, "missing-credential")
+    resp = await gw.client.request("M-SEARCH", prefix + "/v1/chat/x")
+    await problem(resp, 401, "missing-credential")
 
-    resp = await gw.client.get(newline, headers=bearer(secret))
+    for raw in dataset[3:5]:
+        resp = await gw.client.get(URL(prefix + raw, encoded=True), headers=bearer(secret))
+        assert (resp.status, await resp.text()) == (200, "EXPENSIVE")
+    resp = await gw.client.get(URL(prefix + deep[1], encoded=True), headers=bearer(secret))
+    assert (resp.status, await resp.text()) == (200, "SECRET")
+    resp = await gw.client.get(URL(prefix + "/v1/chat/a%0Ab", encoded=True), headers=bearer(secret))
     assert (resp.status, await resp.text()) == (200, "'a\\nb' 10")
-    resp = await gw.client.request("M-SEARCH", "/v1/chat/x", headers=bearer(secret))
+    resp = await gw.client.request("M-SEARCH", prefix + "/v1/chat/x", headers=bearer(secret))
     assert (resp.status, await resp.text()) == (200, "'x' 10")
-    resp = await gw.client.get("/files/dataset.bin", headers=bearer(secret))
-    assert (resp.status, await resp.text()) == (200, "EXPENSIVE")
+    # A file outside the policy's routes, and a path that leaves the directory: as before.
+    assert (await gw.client.get(prefix + "/files/sub/")).status == 403
+    resp = await gw.client.get(URL(prefix + "/files/%2e%2e/etc/passwd", encoded=True))
+    assert resp.status in (403, 404)
     await gw.settle_everything()
-    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (120, 3)
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (320, 5)
+
+
+async def test_a_dynamic_route_read_two_ways_is_refused(gateway_factory: GatewayFactory) -> None:
+    """aiohttp gives /v1/%2E to /v1/{model} as it stands; resolved, it would be /v1/: when
+    the policy names different routes for the two readings, the request is refused."""
+
+    async def model(request: web.Request) -> web.Response:
+        return web.Response(text=request.match_info["model"])
+
+    policy = ENCODED_SLASH_POLICY.replace('path = "/v1/cheap/**"', 'path = "/v1/"')
+    gw = await gateway_factory([("GET", "/v1/{model}", model)], policy_text=policy)
+    body = await problem(await gw.client.get(URL("/v1/%2E", encoded=True)), 400, "invalid-request")
+    assert "once its '.', '..' and empty segments are resolved" in body["detail"]
+    await problem(await gw.client.get("/v1/gpt"), 401, "missing-credential")
 
 
 async def test_setup_after_start_is_refused(gateway_factory: GatewayFactory) -> None:
