@@ -16,7 +16,9 @@ CREDITGATE_PURE_PYTHON=1; see admission/native.py),
 plugin-no-flusher (lease mode, settlement left to another process: the outbox just grows),
 plugin-ext-flusher (the same, with a separate `creditgate flusher` process settling),
 redis-peer (one INCR + check per request), grpc-peer (one CheckAdmission call to the authority
-per request).
+per request), bare-2p and plugin-2p (two processes sharing the port, as `gateway serve
+--workers 2`: how throughput grows with processes; their CPU is the sum of both, and `--pin`
+does not pin them).
 
 Then, with wrk, bare and plugin again at half of the plugin's max throughput (connections that
 pause between requests) for the latency the plugin adds (`--no-half-load` skips it), and the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -86,7 +89,12 @@ SERVERS = (
     "plugin-ext-flusher",
     "redis-peer",
     "grpc-peer",
+    "bare-2p",
+    "plugin-2p",
 )
+# "-2p": two processes of the server sharing the port (SO_REUSEPORT), as `gateway serve
+# --workers 2` runs them: does throughput grow with processes on this machine?
+PROCESSES = 2
 PEER_LIMIT = 10**12
 
 
@@ -97,14 +105,22 @@ async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def _serve(app: web.Application, port: int) -> None:
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+def _serve(app: web.Application, args: argparse.Namespace) -> None:
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        reuse_port=args.reuse_port,
+        access_log=None,
+        # Sharing a port, a process cannot be told ready by connecting: it says so instead.
+        print=functools.partial(print, flush=True) if args.reuse_port else None,
+    )
 
 
 def serve_bare(args: argparse.Namespace) -> None:
     app = web.Application()
     app.router.add_get("/work", _ok)
-    _serve(app, args.port)
+    _serve(app, args)
 
 
 def serve_plugin(
@@ -127,7 +143,7 @@ def serve_plugin(
             run_flusher=run_flusher,
         ),
     )
-    _serve(app, args.port)
+    _serve(app, args)
 
 
 def serve_plugin_hold(args: argparse.Namespace) -> None:
@@ -163,7 +179,7 @@ def serve_redis_peer(args: argparse.Namespace) -> None:
     app = web.Application(middlewares=[admit])
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/work", _ok)
-    _serve(app, args.port)
+    _serve(app, args)
 
 
 def serve_grpc_peer(args: argparse.Namespace) -> None:
@@ -196,7 +212,7 @@ def serve_grpc_peer(args: argparse.Namespace) -> None:
     app = web.Application(middlewares=[admit])
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/work", _ok)
-    _serve(app, args.port)
+    _serve(app, args)
 
 
 def serve_authority(args: argparse.Namespace) -> None:
@@ -349,6 +365,27 @@ def _spawn(
     )
     _wait_port(port, proc)
     return proc, port
+
+
+def _spawn_sharing(mode: str, count: int, *extra: str) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """`count` processes of one server on one port (SO_REUSEPORT), each waited for."""
+    port = _free_port()
+    procs = []
+    try:
+        for _ in range(count):
+            proc = subprocess.Popen(
+                [sys.executable, __file__, mode, "--port", str(port), "--reuse-port", *extra],
+                stdout=subprocess.PIPE,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None
+            if b"Running on" not in proc.stdout.readline():  # run_app's line once it listens
+                raise RuntimeError(f"{mode} on port {port} did not start")
+    except BaseException:
+        for proc in procs:
+            _stop(proc)
+        raise
+    return procs, port
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -525,7 +562,11 @@ def _measure_server(
     """One run of one server, started fresh and warmed up: its result and CPU seconds."""
     mode = {"plugin-ext-flusher": "plugin-no-flusher", "plugin-source": "plugin"}.get(name, name)
     env = {native.PURE_ENV: "1"} if name == "plugin-source" else None
-    proc, port = _spawn(mode, *common, pin=_pin(args, "0"), env=env)
+    if name.endswith("-2p"):
+        procs, port = _spawn_sharing(name.removesuffix("-2p"), PROCESSES, *common)
+    else:
+        proc, port = _spawn(mode, *common, pin=_pin(args, "0"), env=env)
+        procs = [proc]
     ext: subprocess.Popen[bytes] | None = None
     if name == "plugin-ext-flusher":
         ext = _start_flusher(redis.url, target, args.token_for_children)
@@ -533,17 +574,19 @@ def _measure_server(
         url = f"http://127.0.0.1:{port}/work"
         warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup})
         _measure(url, secret, warm)
-        pids = {"server": proc.pid, "redis": redis.proc.pid, "authority": authority.pid}
+        pids = {"server": [p.pid for p in procs], "redis": [redis.proc.pid]}
+        pids["authority"] = [authority.pid]
         if ext is not None:
-            pids["flusher"] = ext.pid
-        cpu0 = {k: _cpu_seconds(v) for k, v in pids.items()}
+            pids["flusher"] = [ext.pid]
+        cpu0 = {k: sum(_cpu_seconds(pid) for pid in v) for k, v in pids.items()}
         run = _measure(url, secret, args)
-        cpu1 = {k: _cpu_seconds(v) for k, v in pids.items()}
+        cpu1 = {k: sum(_cpu_seconds(pid) for pid in v) for k, v in pids.items()}
         return run, {k: cpu1[k] - cpu0[k] for k in pids}
     finally:
         if ext is not None:
             _stop(ext)
-        _stop(proc)
+        for proc in procs:
+            _stop(proc)
 
 
 _PACE_DELAY_MS = 5
@@ -703,6 +746,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--token", default="")
         p.add_argument("--project", default="")
         p.add_argument("--db", default="")
+        p.add_argument("--reuse-port", action="store_true")
     load = sub.add_parser("load")
     load.add_argument("--url", required=True)
     load.add_argument("--token", required=True)
