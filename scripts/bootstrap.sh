@@ -42,13 +42,22 @@ if [ -z "${CREDITGATE_TEST_PG_DSN:-}" ] && ! pg_up; then
   echo "CREDITGATE_TEST_PG_DSN=$CREDITGATE_TEST_PG_DSN" > .pg-dsn.env
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e ".[dev]"
-# pip -q hides the build's warnings: say which build the install made, and how to see why
-# when compiling fell back to the (slower) Python source.
-python3 -c 'import sys
-from admission import native
-choice = native.status()
-print("bootstrap: hot path", choice.reason)
-if not choice.compiled:
-    print("bootstrap: WARNING: the hot path is not compiled; `pip install -v -e .` shows why",
-          file=sys.stderr)'
+# The build's output goes to a log (pip -q would hide the build hook's warning). A compile that
+# fell back to the Python source is retried once: on a fresh machine the first build has been
+# seen to fall back once and then compile on the next try.
+build_log="${TMPDIR:-/tmp}/creditgate-build.log"
+compiled() { python3 -c 'from admission import native; raise SystemExit(not native.status().compiled)'; }
+install() { python3 -m pip install -v --disable-pip-version-check -e ".[dev]" >"$build_log" 2>&1 ||
+  { tail -n 30 "$build_log" >&2; echo "bootstrap: pip install failed; full log: $build_log" >&2; exit 1; }; }
+install
+if ! compiled; then
+  grep -h "creditgate: compiling" "$build_log" >&2 || true
+  echo "bootstrap: the hot path did not compile; building once more" >&2
+  install
+fi
+if compiled; then
+  echo "bootstrap: hot path compiled (mypyc)"
+else
+  grep -h "creditgate: compiling" "$build_log" >&2 || true
+  echo "bootstrap: WARNING: the hot path is not compiled and runs as Python (slower); build log: $build_log" >&2
+fi
