@@ -76,6 +76,12 @@ _GRACE = WalletState.GRACE
 # Headroom a sync asks for: demand over this many sync intervals (the next interval, the round
 # trip, and bursts).
 _HORIZON_INTERVALS = 3
+# ... or, when the event loop is busy and a sync cycle lasts longer than the interval, this many
+# times the last cycle plus its round trip: what is asked for now must last until the grant
+# after it lands. The cycle counts up to _CYCLE_CAP_S (a lease idle for a while is not slow, and
+# a larger lease keeps credits and quota units from the other gateways for longer).
+_CYCLE_HEADROOM = 1.5
+_CYCLE_CAP_S = 0.25
 # A waiting request asks for at least this many requests' worth (a new lease has no demand
 # figure yet; the script's half-of-what-is-left rule keeps it from starving other gateways).
 _MIN_BLOCK = 4
@@ -164,6 +170,7 @@ class LocalLease:
         "quotas",
         "replied_at",
         "retry_op",
+        "rtt",
         "sending",
         "sent_at",
         "seq",
@@ -205,6 +212,7 @@ class LocalLease:
         self.retry_op: LeaseOp | None = None  # sent, outcome unknown: re-sent as is
         self.sent_at = now
         self.replied_at = -1.0
+        self.rtt = 0.0  # the last sync's round trip, seconds (loop time)
         self.used_at = now
         self.valid_until = -1.0  # loop time after which nothing leased may be used
         # Requests waiting for the next sync: their answer, what they need, last attempt or not.
@@ -416,6 +424,7 @@ class LeaseAdmitter:
                 detail = "a sync with this shard failed less than a second ago"
                 return self._failed(spec.route, project_id, _Failure(None, detail))
         self.stats.waited += 1
+        self._metrics.lease_waits.inc()
         for attempt in range(_ATTEMPTS):
             if self._closed:
                 break
@@ -900,7 +909,8 @@ class LeaseAdmitter:
 
     def _build(self, lease: LocalLease, now: float, close: bool, stopping: bool = False) -> LeaseOp:
         elapsed = max(now - lease.sent_at, self._sync_s)
-        horizon = self._sync_s * _HORIZON_INTERVALS
+        cycle = min(elapsed + lease.rtt, _CYCLE_CAP_S)
+        horizon = max(self._sync_s * _HORIZON_INTERVALS, _CYCLE_HEADROOM * cycle)
         self._needs(lease)
         lease.seq += 1
         seq = lease.seq
@@ -994,6 +1004,7 @@ class LeaseAdmitter:
         lease.low = res.low
         lease.grace_until_ms = res.grace_until_ms
         lease.replied_at = now
+        lease.rtt = now - lease.sent_at
         lease.valid_until = lease.sent_at + self._ttl_s - self._margin_s
         granted = res.amount - op.keep
         ok = res.status is LeaseStatus.OK

@@ -39,6 +39,7 @@ class AuthorityMetrics:
     lease_ops: Counter
     lease_errors: Counter
     lease_renewed: Counter
+    lease_waits: Counter
     lease_round_duration: Histogram
     leases: Gauge
 
@@ -164,6 +165,11 @@ class AuthorityMetrics:
             lease_renewed=Counter(
                 "creditgate_lease_renewed_total",
                 "Leases Redis had expired while this process still used them",
+                registry=r,
+            ),
+            lease_waits=Counter(
+                "creditgate_lease_waits_total",
+                "Requests the lease did not cover, which waited for a sync",
                 registry=r,
             ),
             lease_round_duration=Histogram(

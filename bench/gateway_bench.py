@@ -24,6 +24,8 @@ Then, with wrk, bare and plugin again at half of the plugin's max throughput (co
 pause between requests) for the latency the plugin adds (`--no-half-load` skips it), and the
 first-request latency of `--cold N` new projects (identity, cache fill, lease; 0 skips it).
 
+"waited" is the share of a one-process plugin's requests that their lease did not cover, so
+that they waited for a sync (creditgate_lease_waits_total over the admissions, from /metrics).
 Besides req/s the report gives the CPU time per request (us) of the server, Redis, the
 authority and the external flusher, from /proc, over the measured runs. `--pin` pins the server
 to CPU 0 and the load generator to CPU 1 (taskset), the same for every configuration.
@@ -578,15 +580,41 @@ def _measure_server(
         pids["authority"] = [authority.pid]
         if ext is not None:
             pids["flusher"] = [ext.pid]
+        waits0 = _lease_counts(port) if len(procs) == 1 else None
         cpu0 = {k: sum(_cpu_seconds(pid) for pid in v) for k, v in pids.items()}
         run = _measure(url, secret, args)
         cpu1 = {k: sum(_cpu_seconds(pid) for pid in v) for k, v in pids.items()}
+        waits1 = _lease_counts(port) if waits0 is not None else None
+        if waits0 is not None and waits1 is not None and waits1[1] > waits0[1]:
+            run["waited_pct"] = 100 * (waits1[0] - waits0[0]) / (waits1[1] - waits0[1])
         return run, {k: cpu1[k] - cpu0[k] for k in pids}
     finally:
         if ext is not None:
             _stop(ext)
         for proc in procs:
             _stop(proc)
+
+
+def _lease_counts(port: int) -> tuple[float, float] | None:
+    """(requests that waited for a lease sync, admission decisions) from the server's /metrics,
+    or None for a server without them (bare, the peers)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    waits = "creditgate_lease_waits_total"
+    admissions = "creditgate_admission_duration_seconds_count"
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in (waits, admissions):
+            values[name] = float(value)
+    if len(values) < 2:
+        return None
+    return values[waits], values[admissions]
 
 
 _PACE_DELAY_MS = 5
@@ -685,7 +713,7 @@ def _report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> Non
     print(f"plugin hot path: {native.status().reason}")
     print(
         f"{'server':<18}{'req/s (median)':>16}{'p50 ms':>10}{'p99 ms':>10}{'vs bare':>10}"
-        f"{'non-2xx':>10}  cpu us/req (server redis authority flusher)  runs"
+        f"{'non-2xx':>10}{'waited':>8}  cpu us/req (server redis authority flusher)  runs"
     )
     # "vs bare": the median over rounds of (server req/s / bare req/s in the same round).
     for name, r in results.items():
@@ -695,9 +723,11 @@ def _report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> Non
             ratio = f"{r['ratio_median']:.2f}"
         else:
             ratio = f"{r['rps_median'] / bare:.2f}" if bare else "-"
+        waited = f"{r['waited_pct']:.1f}%" if "waited_pct" in r else "-"
         print(
             f"{name:<18}{r['rps_median']:>16.0f}{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}"
-            f"{ratio:>10}{r['non_2xx']:>10}  {_cpu_text(r['cpu_us']):<42} {r['rps_runs']}"
+            f"{ratio:>10}{r['non_2xx']:>10}{waited:>8}  {_cpu_text(r['cpu_us']):<42} "
+            f"{r['rps_runs']}"
         )
 
 

@@ -416,6 +416,64 @@ async def test_idle_lease_is_closed(
     await leases.aclose()
 
 
+async def test_a_sync_asks_for_what_lasts_until_the_grant_after_it(
+    rclient: aioredis.Redis, policy: Policy, filler: DictFiller
+) -> None:
+    """A busy event loop stretches a sync cycle well past lease_sync_ms. A grant sized for three
+    intervals of demand then ran out before the next one landed, and requests waited for syncs
+    (one in seven at saturation in bench/gateway_bench.py). A sync asks for 1.5 x (the last
+    cycle + its round trip) of demand instead, when that is more, and a lease used once after
+    a long pause does not take a long spell's worth. Manual clock, replies "arrive" late."""
+    now = [0.0]  # 0.02 - 0.0 is exactly one interval
+    rtt = [0.0]
+
+    class LateReplies(LeaseAdmitter):
+        def _apply(self, lease: LocalLease, op: LeaseOp, res: LeaseResult) -> None:
+            now[0] += rtt[0]
+            super()._apply(lease, op, res)
+
+    engine = AdmissionEngine(rclient, policy, filler, gateway_id="gw-horizon")
+    leases = LateReplies(
+        engine.store, policy, filler, route_problem=engine.route_problem, clock=lambda: now[0]
+    )
+    p = project(filler, snap=10**9)
+    tokens = route(policy, "tokens")  # 10 credits, no quota
+    task = asyncio.ensure_future(leases.admit(tokens, p))
+    async with asyncio.timeout(10):
+        while not task.done():
+            await leases.sync_round()
+            await asyncio.wait({task}, timeout=0.01)  # the cache fill runs meanwhile
+    first = task.result()
+    assert first.admitted and first.hold is not None
+    assert leases.end_local(first.hold, True, 10) is None
+    (lease,) = leases.leases
+
+    async def cycle(requests: int, seconds: float) -> None:
+        for _ in range(requests):
+            d = leases.try_admit(tokens, p)
+            assert d is not None and d.admitted and d.hold is not None, "the lease covers it"
+            assert leases.end_local(d.hold, True, 10) is None
+        now[0] += seconds
+        assert await leases.sync_round() == 1
+
+    # A cycle of one interval, replies at once: three intervals of demand, 40 credits each (the
+    # first request was admitted in this interval too).
+    await cycle(3, 0.02)
+    assert 120 <= lease.free <= 121  # ceil(40 / 0.02 * 0.06), in floating point
+    # Replies take 30 ms and cycles 80 ms: 90 credits per cycle, 34 more per round trip.
+    rtt[0] = 0.03
+    await cycle(9, 0.05)  # this reply comes late: the next cycle sees its round trip
+    used = lease.free // 10 * 10
+    await cycle(used // 10, 0.05)
+    demand = used / 0.08  # credits per second over the cycle just measured
+    assert lease.free >= demand * (0.08 + 0.03), "the stock outlasts the next cycle + reply"
+    # Used once after half a minute: a quarter of a second's worth at most, not 30 s.
+    await cycle(1, 30.0)
+    assert lease.free < tokens.cost
+    assert leases.stats.waited == 1  # the first request only
+    await leases.aclose()
+
+
 async def test_burst_gets_everything_left(
     gateways: Factory, policy: Policy, filler: DictFiller
 ) -> None:
