@@ -74,12 +74,12 @@ _CONC = QuotaKind.CONCURRENCY
 _EXPIRED = WalletState.EXPIRED
 _GRACE = WalletState.GRACE
 # Headroom a sync asks for: demand over this many sync intervals (the next interval, the round
-# trip, and bursts).
+# trip, and bursts) ...
 _HORIZON_INTERVALS = 3
-# ... or, when the event loop is busy and a sync cycle lasts longer than the interval, this many
-# times the last cycle plus its round trip: what is asked for now must last until the grant
-# after it lands. The cycle counts up to _CYCLE_CAP_S (a lease idle for a while is not slow, and
-# a larger lease keeps credits and quota units from the other gateways for longer).
+# ... or, when a busy event loop stretches the sync cycle past the interval, this many times
+# (the measured cycle + the last round trip): what is asked for now must last until the grant
+# after it lands. That time counts up to _CYCLE_CAP_S (and the lease TTL): a larger lease keeps
+# credits and quota units from the other gateways for longer.
 _CYCLE_HEADROOM = 1.5
 _CYCLE_CAP_S = 0.25
 # A waiting request asks for at least this many requests' worth (a new lease has no demand
@@ -170,7 +170,6 @@ class LocalLease:
         "quotas",
         "replied_at",
         "retry_op",
-        "rtt",
         "sending",
         "sent_at",
         "seq",
@@ -212,7 +211,6 @@ class LocalLease:
         self.retry_op: LeaseOp | None = None  # sent, outcome unknown: re-sent as is
         self.sent_at = now
         self.replied_at = -1.0
-        self.rtt = 0.0  # the last sync's round trip, seconds (loop time)
         self.used_at = now
         self.valid_until = -1.0  # loop time after which nothing leased may be used
         # Requests waiting for the next sync: their answer, what they need, last attempt or not.
@@ -331,6 +329,12 @@ class LeaseAdmitter:
         self._task: asyncio.Task[None] | None = None
         self._fills: set[asyncio.Task[None]] = set()
         self._rounds: set[asyncio.Task[int]] = set()
+        # The sync cycle the event loop really runs (time between the starts of the last two
+        # rounds) and the last round's duration (its round trip as the loop sees it): a busy
+        # loop stretches both well past lease_sync_ms. Grants are sized for them (_build).
+        self._round_at = -1.0
+        self._cycle_s = self._sync_s
+        self._round_s = 0.0
         self._closed = False
         self._stopping = False
         self.stats = LeaseStats()
@@ -796,6 +800,10 @@ class LeaseAdmitter:
 
     async def _round(self, closing: bool, force: bool) -> int:
         now = self._now()
+        gap = now - self._round_at
+        self._round_at = now
+        # A gap beyond the cap is an idle spell (no lease to sync), not a slow loop.
+        self._cycle_s = gap if gap < _CYCLE_CAP_S else self._sync_s
         picked: list[tuple[LocalLease, LeaseOp]] = []
         for lease in [*self._leases.values(), *self._retiring.values()]:
             if lease.sending:
@@ -825,6 +833,7 @@ class LeaseAdmitter:
             *(self._store.run_leases({op.shard: [op]}) for op in solo),
         ]
         replies = await asyncio.gather(*calls, return_exceptions=True)
+        self._round_s = min(self._now() - now, _CYCLE_CAP_S)
         # StoreUnavailable for all shards of a call, or a bug: every op of that call failed.
         results: dict[int, list[LeaseResult] | BaseException] = (
             {shard: replies[0] for shard in by_shard}
@@ -909,8 +918,9 @@ class LeaseAdmitter:
 
     def _build(self, lease: LocalLease, now: float, close: bool, stopping: bool = False) -> LeaseOp:
         elapsed = max(now - lease.sent_at, self._sync_s)
-        cycle = min(elapsed + lease.rtt, _CYCLE_CAP_S)
-        horizon = max(self._sync_s * _HORIZON_INTERVALS, _CYCLE_HEADROOM * cycle)
+        # Until the grant after this one lands: the next cycle and its round trip.
+        until_next = min(self._cycle_s + self._round_s, _CYCLE_CAP_S, self._ttl_s)
+        horizon = max(self._sync_s * _HORIZON_INTERVALS, _CYCLE_HEADROOM * until_next)
         self._needs(lease)
         lease.seq += 1
         seq = lease.seq
@@ -1004,7 +1014,6 @@ class LeaseAdmitter:
         lease.low = res.low
         lease.grace_until_ms = res.grace_until_ms
         lease.replied_at = now
-        lease.rtt = now - lease.sent_at
         lease.valid_until = lease.sent_at + self._ttl_s - self._margin_s
         granted = res.amount - op.keep
         ok = res.status is LeaseStatus.OK

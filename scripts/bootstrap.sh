@@ -44,9 +44,12 @@ fi
 
 # The build's output goes to a log (pip -q would hide the build hook's warning). A compile that
 # fell back to the Python source is retried once: on a fresh machine the first build has been
-# seen to fall back once and then compile on the next try.
-build_log="${TMPDIR:-/tmp}/creditgate-build.log"
-compiled() { python3 -c 'from admission import native; raise SystemExit(not native.status().compiled)'; }
+# seen to fall back once and then compile on the next try. (CI sets CREDITGATE_REQUIRE_COMPILED:
+# there a failed compile fails the install at once.)
+build_log=$(mktemp "${TMPDIR:-/tmp}/creditgate-build.XXXXXX")
+# Whether the build compiled, whatever CREDITGATE_PURE_PYTHON says about which one runs.
+compiled() { CREDITGATE_PURE_PYTHON= python3 -c 'from admission import native
+raise SystemExit(not native.status().compiled)'; }
 install() { python3 -m pip install -v --disable-pip-version-check -e ".[dev]" >"$build_log" 2>&1 ||
   { tail -n 30 "$build_log" >&2; echo "bootstrap: pip install failed; full log: $build_log" >&2; exit 1; }; }
 install
@@ -57,6 +60,7 @@ if ! compiled; then
 fi
 if compiled; then
   echo "bootstrap: hot path compiled (mypyc)"
+  rm -f "$build_log"
 else
   grep -h "creditgate: compiling" "$build_log" >&2 || true
   echo "bootstrap: WARNING: the hot path is not compiled and runs as Python (slower); build log: $build_log" >&2

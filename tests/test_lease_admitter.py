@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -419,22 +420,25 @@ async def test_idle_lease_is_closed(
 async def test_a_sync_asks_for_what_lasts_until_the_grant_after_it(
     rclient: aioredis.Redis, policy: Policy, filler: DictFiller
 ) -> None:
-    """A busy event loop stretches a sync cycle well past lease_sync_ms. A grant sized for three
-    intervals of demand then ran out before the next one landed, and requests waited for syncs
-    (one in seven at saturation in bench/gateway_bench.py). A sync asks for 1.5 x (the last
-    cycle + its round trip) of demand instead, when that is more, and a lease used once after
-    a long pause does not take a long spell's worth. Manual clock, replies "arrive" late."""
-    now = [0.0]  # 0.02 - 0.0 is exactly one interval
+    """A busy event loop stretches the sync cycle well past lease_sync_ms. A grant sized for
+    three intervals of demand then ran out before the next one landed, and requests waited for
+    syncs (one in seven at saturation in bench/gateway_bench.py). A sync asks for 1.5 x (the
+    measured cycle + the last round trip) of demand when that is more, up to a cap. Driven by
+    hand on a manual clock; each round trip "takes" rtt[0] seconds of it."""
+    now = [1000.0]
     rtt = [0.0]
-
-    class LateReplies(LeaseAdmitter):
-        def _apply(self, lease: LocalLease, op: LeaseOp, res: LeaseResult) -> None:
-            now[0] += rtt[0]
-            super()._apply(lease, op, res)
-
     engine = AdmissionEngine(rclient, policy, filler, gateway_id="gw-horizon")
-    leases = LateReplies(
-        engine.store, policy, filler, route_problem=engine.route_problem, clock=lambda: now[0]
+    store = engine.store
+    run_leases = store.run_leases
+
+    async def late_replies(ops: Any) -> Any:
+        replies = await run_leases(ops)
+        now[0] += rtt[0]
+        return replies
+
+    store.run_leases = late_replies  # type: ignore[method-assign]
+    leases = LeaseAdmitter(
+        store, policy, filler, route_problem=engine.route_problem, clock=lambda: now[0]
     )
     p = project(filler, snap=10**9)
     tokens = route(policy, "tokens")  # 10 credits, no quota
@@ -449,27 +453,41 @@ async def test_a_sync_asks_for_what_lasts_until_the_grant_after_it(
     (lease,) = leases.leases
 
     async def cycle(requests: int, seconds: float) -> None:
+        """`requests` admitted and committed, then the next sync `seconds` after this one."""
         for _ in range(requests):
             d = leases.try_admit(tokens, p)
             assert d is not None and d.admitted and d.hold is not None, "the lease covers it"
             assert leases.end_local(d.hold, True, 10) is None
-        now[0] += seconds
+        now[0] += seconds + 1e-9  # not a hair short of an interval in floating point
         assert await leases.sync_round() == 1
 
-    # A cycle of one interval, replies at once: three intervals of demand, 40 credits each (the
-    # first request was admitted in this interval too).
+    def near(value: int, expected: float) -> bool:
+        return math.ceil(expected) - 1 <= value <= math.ceil(expected) + 1  # floating point
+
+    # Cycles of one interval, replies at once: three intervals of demand. 40 credits in the
+    # first one (the first request's included), 30 in the second.
     await cycle(3, 0.02)
-    assert 120 <= lease.free <= 121  # ceil(40 / 0.02 * 0.06), in floating point
-    # Replies take 30 ms and cycles 80 ms: 90 credits per cycle, 34 more per round trip.
+    await cycle(3, 0.02)
+    assert near(lease.free, 30 / 0.02 * 0.06)
+    # Round trips of 30 ms, syncs 50 ms after the previous reply: 80 ms cycles.
     rtt[0] = 0.03
-    await cycle(9, 0.05)  # this reply comes late: the next cycle sees its round trip
+    await cycle(6, 0.02)  # the first slow round trip (60 credits in 20 ms)
+    assert near(lease.free, 60 / 0.02 * 0.06), "an interval-long cycle: three intervals"
+    await cycle(9, 0.05)  # the first 80 ms cycle (90 credits in it)
+    assert near(lease.free, 90 / 0.08 * 1.5 * (0.08 + 0.03))
     used = lease.free // 10 * 10
     await cycle(used // 10, 0.05)
-    demand = used / 0.08  # credits per second over the cycle just measured
-    assert lease.free >= demand * (0.08 + 0.03), "the stock outlasts the next cycle + reply"
-    # Used once after half a minute: a quarter of a second's worth at most, not 30 s.
+    # The stock outlasts the next cycle and its round trip, with half of that to spare.
+    assert lease.free >= used / 0.08 * (0.08 + 0.03) * 1.5 - 1
+    # A round trip of 400 ms: the time until the next grant counts as the cap (0.25 s).
+    rtt[0] = 0.4
+    await cycle(10, 0.05)  # the round trip that will count
+    await cycle(10, 0.05)
+    assert near(lease.free, 100 / 0.45 * 1.5 * 0.25)
+    # After half a minute without a sync: 10 credits in 30 s, not a long spell's worth.
+    rtt[0] = 0.0
     await cycle(1, 30.0)
-    assert lease.free < tokens.cost
+    assert lease.free <= 1
     assert leases.stats.waited == 1  # the first request only
     await leases.aclose()
 

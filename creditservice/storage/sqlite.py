@@ -100,12 +100,21 @@ class _SqliteTx:
             return await self._conn.run(fn)
         self._begin = None
         self.began = True
+        opened = False
 
         def first(db: sqlite3.Connection) -> T:
+            nonlocal opened
             db.execute(begin)
+            opened = True
             return fn(db)
 
-        return await self._conn.run(first)
+        try:
+            return await self._conn.run(first)
+        except ServiceError:
+            if not opened:  # the BEGIN itself failed (busy): the next statement sends it again
+                self._begin = begin
+                self.began = False
+            raise
 
     async def execute(self, sql: str, *args: Any) -> None:
         await self._run(lambda db: db.execute(sql, args))
