@@ -59,3 +59,21 @@ async def test_an_empty_transaction_sends_nothing(tmp_path: Path) -> None:
         assert tx.began  # type: ignore[attr-defined]
     finally:
         await driver.close()
+
+
+async def test_a_read_sees_every_write_committed_before_it(tmp_path: Path) -> None:
+    """A read transaction's COMMIT is not waited for: it runs, in the reader's thread, before
+    the next read's BEGIN. Were it still open, the next read would see the old snapshot (WAL)."""
+    driver = SqliteDriver(str(tmp_path / "c.db"))
+    await driver.start()
+    try:
+        async with driver.write() as tx:
+            await tx.execute("CREATE TABLE scratch (x INTEGER)")
+        for i in range(1, 51):
+            async with driver.write() as tx:
+                await tx.execute("INSERT INTO scratch VALUES (?)", i)
+            assert await _count(driver) == i
+        async with driver.snapshot() as tx:
+            assert await tx.fetchval("SELECT max(x) FROM scratch") == 50
+    finally:
+        await driver.close()
