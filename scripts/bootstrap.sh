@@ -63,5 +63,7 @@ if compiled; then
   rm -f "$build_log"
 else
   grep -h "creditgate: compiling" "$build_log" >&2 || true
+  CREDITGATE_PURE_PYTHON= python3 -c 'from admission import native
+print("bootstrap: hot path:", native.status().reason)' >&2
   echo "bootstrap: WARNING: the hot path is not compiled and runs as Python (slower); build log: $build_log" >&2
 fi
