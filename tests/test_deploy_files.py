@@ -93,6 +93,9 @@ def test_dashboard_covers_the_observability_topics() -> None:
         "creditgate_settle_events",
         "creditgate_settle_errors",
         "creditgate_cache_fills",
+        "creditgate_lease_waits",
+        "creditgate_lease_sync_rounds",
+        "creditgate_lease_sync_duration_seconds",
     ):
         assert required in used, required
 
