@@ -131,3 +131,4 @@ def test_alert_rules_parse_and_cover_the_failure_modes() -> None:
     assert "creditgate_settle_errors" in by_metric  # settle errors
     assert "creditgate_admission_duration_seconds" in by_metric  # admission latency
     assert "creditgate_decisions" in by_metric  # denials
+    assert "creditgate_lease_sync_errors" in by_metric  # lease syncs failing
