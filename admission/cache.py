@@ -212,8 +212,7 @@ class CacheFiller:
 
         `reset` overwrites the cached wallet even when its version is higher (resync).
         """
-        while (pending := self._inflight.get(project_id)) is not None:
-            await asyncio.wait([pending])
+        await self.filled(project_id)
         return await self._single_flight(project_id, "reset" if reset else "repair")
 
     async def _single_flight(self, project_id: str, mode: str) -> bool:
@@ -282,18 +281,31 @@ class CacheFiller:
         are applied after the snapshot when their cursor is above its cursor, as for a fill.
         A project with a fill in flight, or an overflowed recording, is left to the fill.
         """
+        fut = self.offer_nowait(snapshot, recording)
+        return False if fut is None else await asyncio.shield(fut)
+
+    def offer_nowait(
+        self, snapshot: pb.ProjectSnapshot, recording: _Recording
+    ) -> asyncio.Future[bool] | None:
+        """offer(), started and not waited for: its write is the project's fill in flight
+        (a fill asked for meanwhile waits for it). None when there is nothing to offer."""
         project_id = snapshot.wallet.project_id
         if recording.overflowed or not project_id or project_id in self._inflight:
-            return False
-        # From here on, no await until the buffer is in place: the recording ends where the
-        # buffer starts, so every event after the snapshot is seen by one or the other.
+            return None
+        # No await here: the recording ends where the buffer starts, so every event after the
+        # snapshot is seen by one or the other.
         self._buffers[project_id] = [
             e for e in recording.events if (e.project_id or _event_project(e)) == project_id
         ]
         fut = asyncio.ensure_future(self._offered(snapshot))
         self._inflight[project_id] = fut
         fut.add_done_callback(lambda f: self._done(project_id, f))
-        return await asyncio.shield(fut)
+        return fut
+
+    async def filled(self, project_id: str) -> None:
+        """Wait until no fill of the project is in flight (one started by offer_nowait, say)."""
+        while (pending := self._inflight.get(project_id)) is not None:
+            await asyncio.wait([pending])
 
     async def _offered(self, snapshot: pb.ProjectSnapshot) -> bool:
         project_id = snapshot.wallet.project_id

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -29,7 +30,7 @@ from redis.exceptions import RedisError
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityRequestFailed
 from admission.decision import Reason
-from admission.errors import REDIS_ERRORS, AuthorityUnavailable
+from admission.errors import AuthorityUnavailable
 from admission.metrics import authority_metrics
 from creditservice.v1 import credit_pb2 as pb
 
@@ -100,12 +101,23 @@ class _Miss(enum.Enum):
 _MISS = _Miss.MISS
 
 
+def _offer_done(project_id: str, fut: asyncio.Future[bool]) -> None:
+    if fut.cancelled():
+        return
+    err = fut.exception()
+    if err is not None:
+        # The cache is filled the usual way when admission finds the project cold.
+        log.warning("filling %s from its key's snapshot failed: %r", project_id, err)
+
+
 class SnapshotSink(Protocol):
     """Takes the project snapshot that comes with a key resolution (cache.CacheFiller)."""
 
     def recording(self) -> AbstractContextManager[Any]: ...
 
-    async def offer(self, snapshot: pb.ProjectSnapshot, recording: Any) -> bool: ...
+    def offer_nowait(
+        self, snapshot: pb.ProjectSnapshot, recording: Any
+    ) -> asyncio.Future[bool] | None: ...
 
 
 class IdentityResolver:
@@ -371,13 +383,12 @@ class IdentityResolver:
                 and key.project_id
                 and snapshot.wallet.project_id == key.project_id
             ):
-                try:
-                    await sink.offer(snapshot, recording)
-                except REDIS_ERRORS as err:
-                    # The cache is filled the usual way when admission finds the project cold.
-                    log.warning(
-                        "filling %s from its key's snapshot failed: %r", key.project_id, err
-                    )
+                # Not waited for: the write goes on while the key mapping's SET below makes
+                # its round trip, and the project's first lease sync (or admit) finds the
+                # project cached, or, cold, waits for this write as for any fill in flight.
+                offered = sink.offer_nowait(snapshot, recording)
+                if offered is not None:
+                    offered.add_done_callback(functools.partial(_offer_done, key.project_id))
         if key is None or key.revoked_at_ms != 0 or not key.project_id:
             self._remember(digest, None, learnt)
             # A revoked mapping must not linger in Redis for the other gateways either.

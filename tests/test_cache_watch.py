@@ -7,7 +7,7 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -17,9 +17,11 @@ from prometheus_client import CollectorRegistry
 from admission import cache, keys
 from admission.authority import AuthorityClient, AuthorityClientConfig
 from admission.cache import CacheFiller, Reconciler, WatchSubscriber
+from admission.engine import AdmissionEngine
 from admission.errors import AuthorityUnavailable
 from admission.flusher import Flusher
 from admission.identity import IdentityResolver
+from admission.lease import LeaseAdmitter
 from creditservice.auth import hash_secret
 from creditservice.clock import ManualClock
 from creditservice.server import AuthorityServer
@@ -28,7 +30,7 @@ from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_admission import authority_client_for
 from tests.fixtures_authority import admin_md, authority_config, make_wallet, new_project_id
 from tests.services import free_port
-from tests.test_flusher import SHARDS, wallet_hash
+from tests.test_flusher import SHARDS, make_policy, wallet_hash
 
 UNSL = 5000
 
@@ -483,6 +485,7 @@ async def test_a_key_resolved_at_the_authority_fills_its_project_in_the_same_cal
     identity = IdentityResolver(rclient, auth_client, registry=registry, snapshots=filler)
     calls = dict(auth_client.calls)
     assert await identity.resolve(secret) == pid
+    await filler.filled(pid)  # the write is not waited for by the resolution
     assert auth_client.calls["ResolveApiKey"] == calls.get("ResolveApiKey", 0) + 1
     assert auth_client.calls["GetAdmissionSnapshot"] == calls.get("GetAdmissionSnapshot", 0)
     got = await wallet_hash(rclient, pid)
@@ -498,6 +501,56 @@ async def test_a_key_resolved_at_the_authority_fills_its_project_in_the_same_cal
         pass
     assert await filler.offer(snapshot, recording) is True
     assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 299
+
+
+async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The key's snapshot is written to Redis while the resolution goes on, not waited for. A
+    first lease sync that gets to Redis before that write finds the project cold, and waits
+    for the write as for any fill in flight: admitted, with no GetAdmissionSnapshot call."""
+    token = authority.config.admin_token
+    pid, secret, _ = await _keyed_project(authority_stub, auth_client, token)
+    gate = asyncio.Event()
+    fill = filler.store.fill
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await fill(*args, **kwargs)
+
+    monkeypatch.setattr(filler.store, "fill", held_back)
+    policy = make_policy()
+    engine = AdmissionEngine(rclient, policy, filler, gateway_id="gw-offer")
+    leases = LeaseAdmitter(engine.store, policy, filler, route_problem=engine.route_problem)
+    charge = policy.route("charge")
+    assert charge is not None
+    identity = IdentityResolver(rclient, auth_client, registry=registry, snapshots=filler)
+    calls = dict(auth_client.calls)
+    async with asyncio.timeout(5):  # the resolution does not wait for the held-back write
+        assert await identity.resolve(secret) == pid
+    assert await wallet_hash(rclient, pid) == {}
+    first = asyncio.ensure_future(leases.admit(charge, pid))
+    await asyncio.sleep(0)  # one loop turn: the request registers as the lease's waiter
+    assert await leases.sync_round() == 1
+    assert leases.stats.cold == 1 and not first.done(), "cold: it waits for the write"
+    gate.set()
+    async with asyncio.timeout(10):
+        while not first.done():
+            await leases.sync_round()
+            await asyncio.wait({first}, timeout=0.01)  # the write completes meanwhile
+    decision = first.result()
+    assert decision.admitted and decision.hold is not None
+    assert leases.end_local(decision.hold, True, 10) is None
+    assert auth_client.calls["ResolveApiKey"] == calls.get("ResolveApiKey", 0) + 1
+    assert auth_client.calls["GetAdmissionSnapshot"] == calls.get("GetAdmissionSnapshot", 0)
+    assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 100
+    await leases.aclose()
 
 
 async def test_an_event_after_the_keys_snapshot_is_applied_after_it(
@@ -607,4 +660,5 @@ async def test_an_event_at_any_await_of_the_key_resolution_is_applied(
             snapshots=filler,
         )
         assert await identity.resolve(secret) == pid
+        await filler.filled(pid)
         assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 150
