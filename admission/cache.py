@@ -194,6 +194,8 @@ class CacheFiller:
         self._unsettled_limit = unsettled_limit
         self._metrics = authority_metrics(registry)
         self._inflight: dict[str, asyncio.Future[bool]] = {}
+        # The in-flight fills that write a snapshot offered with a key resolution.
+        self._offers: set[asyncio.Future[bool]] = set()
         self._buffers: dict[str, list[pb.WatchEvent]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         # Open recordings (see recording()): every project event delivered meanwhile.
@@ -205,6 +207,13 @@ class CacheFiller:
 
     async def fill(self, project_id: str) -> bool:
         """Fill the project's snapshot; False when the authority does not know the project."""
+        offered = self._inflight.get(project_id)
+        if offered is not None and offered in self._offers:
+            self._metrics.cache_fills.labels(result="shared").inc()
+            try:
+                return await asyncio.shield(offered)
+            except Exception:
+                pass  # its write failed (logged by the resolver): fill the usual way
         return await self._single_flight(project_id, "fill")
 
     async def refresh(self, project_id: str, *, reset: bool = False) -> bool:
@@ -299,7 +308,9 @@ class CacheFiller:
         ]
         fut = asyncio.ensure_future(self._offered(snapshot))
         self._inflight[project_id] = fut
+        self._offers.add(fut)
         fut.add_done_callback(lambda f: self._done(project_id, f))
+        fut.add_done_callback(self._offers.discard)
         return fut
 
     async def filled(self, project_id: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any, cast
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from prometheus_client import CollectorRegistry
 
 from admission import cache, keys
@@ -503,6 +504,7 @@ async def test_a_key_resolved_at_the_authority_fills_its_project_in_the_same_cal
     assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 299
 
 
+@pytest.mark.parametrize("write_fails", [False, True], ids=["written", "write-fails"])
 async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write(
     authority: AuthorityServer,
     authority_stub: pb_grpc.CreditServiceAsyncStub,
@@ -511,17 +513,25 @@ async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write
     filler: CacheFiller,
     registry: CollectorRegistry,
     monkeypatch: pytest.MonkeyPatch,
+    write_fails: bool,
 ) -> None:
     """The key's snapshot is written to Redis while the resolution goes on, not waited for. A
     first lease sync that gets to Redis before that write finds the project cold, and waits
-    for the write as for any fill in flight: admitted, with no GetAdmissionSnapshot call."""
+    for the write as for any fill in flight: admitted, with no GetAdmissionSnapshot call. When
+    that write fails, the lease's fill asks the authority for the snapshot instead."""
     token = authority.config.admin_token
     pid, secret, _ = await _keyed_project(authority_stub, auth_client, token)
     gate = asyncio.Event()
     fill = filler.store.fill
 
+    writes: list[str] = []
+
     async def held_back(*args: Any, **kwargs: Any) -> Any:
-        await gate.wait()
+        writes.append(kwargs["mode"])
+        if len(writes) == 1:
+            await gate.wait()
+            if write_fails:
+                raise redis.exceptions.ConnectionError("Redis went away during the write")
         return await fill(*args, **kwargs)
 
     monkeypatch.setattr(filler.store, "fill", held_back)
@@ -548,7 +558,8 @@ async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write
     assert decision.admitted and decision.hold is not None
     assert leases.end_local(decision.hold, True, 10) is None
     assert auth_client.calls["ResolveApiKey"] == calls.get("ResolveApiKey", 0) + 1
-    assert auth_client.calls["GetAdmissionSnapshot"] == calls.get("GetAdmissionSnapshot", 0)
+    fills = auth_client.calls["GetAdmissionSnapshot"] - calls.get("GetAdmissionSnapshot", 0)
+    assert (fills, writes) == ((1, ["offer", "fill"]) if write_fails else (0, ["offer"]))
     assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 100
     await leases.aclose()
 
