@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityRequestFailed
 from admission.decision import QuotaKind
-from admission.errors import REDIS_ERRORS, AuthorityUnavailable
+from admission.errors import REDIS_ERRORS, AuthorityUnavailable, redis_unreachable
 from admission.metrics import AuthorityMetrics, authority_metrics
 from creditservice.v1 import credit_pb2 as pb
 
@@ -126,6 +126,10 @@ class SnapshotStore:
     async def is_cached(self, project_id: str) -> bool:
         return bool(await self.redis.exists(self._keys(project_id)[0]))
 
+    async def has_snapshot(self, project_id: str) -> bool:
+        """Whether the wallet holds a snapshot (what the scripts call not cold)."""
+        return bool(await self.redis.hexists(self._keys(project_id)[0], keys.W_SNAPSHOT))
+
     async def read_wallet(self, project_id: str) -> dict[str, int] | None:
         raw = await self.redis.hgetall(self._keys(project_id)[0])
         if not raw:
@@ -196,6 +200,8 @@ class CacheFiller:
         self._inflight: dict[str, asyncio.Future[bool]] = {}
         # The in-flight fills that write a snapshot offered with a key resolution.
         self._offers: set[asyncio.Future[bool]] = set()
+        # Told the project of every buffered event applied after a fill (the leases).
+        self.project_listeners: tuple[Callable[[str], None], ...] = ()
         self._buffers: dict[str, list[pb.WatchEvent]] = {}
         self._background: set[asyncio.Task[Any]] = set()
         # Open recordings (see recording()): every project event delivered meanwhile.
@@ -212,8 +218,12 @@ class CacheFiller:
             self._metrics.cache_fills.labels(result="shared").inc()
             try:
                 return await asyncio.shield(offered)
-            except Exception:
-                pass  # its write failed (logged by the resolver): fill the usual way
+            except Exception as err:
+                # Its write failed (the resolver logged it): fill the usual way, unless Redis
+                # is away (that fill's write would fail too, after an authority call).
+                self._metrics.cache_fills.labels(result="offer_failed").inc()
+                if redis_unreachable(err):
+                    raise
         return await self._single_flight(project_id, "fill")
 
     async def refresh(self, project_id: str, *, reset: bool = False) -> bool:
@@ -246,6 +256,12 @@ class CacheFiller:
             fut.exception()  # retrieved here: every waiter may have been cancelled
 
     async def _fill(self, project_id: str, mode: str) -> bool:
+        if mode == "fill" and await self.store.has_snapshot(project_id):
+            # Landed since Redis answered cold: another gateway's fill, or a snapshot offered
+            # with a key whose write ended just before this fill began.
+            self._metrics.cache_fills.labels(result="landed").inc()
+            await self._replay(project_id, -1)
+            return True
         try:
             snapshot = await self.authority.get_snapshot(project_id)
         except AuthorityUnavailable:
@@ -334,9 +350,17 @@ class CacheFiller:
                 self._buffers.pop(project_id, None)
                 return
             self._buffers[project_id] = []
+            applied = False
             for event in buffered:
                 if event.cursor > after_cursor:
                     await self._apply(event)
+                    applied = True
+            if applied:
+                # As for an event applied at once: the leases decide nothing more from a
+                # reply that may predate it (a sync can reach Redis between the snapshot's
+                # write and this replay when the write was offered and not waited for).
+                for listener in self.project_listeners:
+                    listener(project_id)
 
     async def on_event(self, event: pb.WatchEvent) -> None:
         """Apply a project-scoped Watch event (wallet, quota, lifecycle) to Redis."""
@@ -391,7 +415,10 @@ class CacheFiller:
                 count += 1
         return count
 
-    async def aclose(self) -> None:
+    async def aclose(self, offers_within_s: float = 2.0) -> None:
+        # Snapshot writes offered with a key outlive their requests: let them land first.
+        if self._offers:
+            await asyncio.wait(set(self._offers), timeout=offers_within_s)
         tasks = list(self._background)
         for task in tasks:
             task.cancel()

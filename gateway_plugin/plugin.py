@@ -248,6 +248,7 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
         )
         leases.start()
         state.leases = leases
+        filler.project_listeners = (leases.invalidate,)
 
     def settle_in_flight() -> None:
         n = len(state.settling)

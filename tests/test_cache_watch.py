@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from admission import cache, keys
 from admission.authority import AuthorityClient, AuthorityClientConfig
 from admission.cache import CacheFiller, Reconciler, WatchSubscriber
+from admission.decision import Reason
 from admission.engine import AdmissionEngine
 from admission.errors import AuthorityUnavailable
 from admission.flusher import Flusher
@@ -504,7 +505,11 @@ async def test_a_key_resolved_at_the_authority_fills_its_project_in_the_same_cal
     assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 299
 
 
-@pytest.mark.parametrize("write_fails", [False, True], ids=["written", "write-fails"])
+@pytest.mark.parametrize(
+    "write_error",
+    [None, redis.exceptions.ResponseError("OOM"), redis.exceptions.ConnectionError("gone")],
+    ids=["written", "write-refused", "redis-away"],
+)
 async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write(
     authority: AuthorityServer,
     authority_stub: pb_grpc.CreditServiceAsyncStub,
@@ -513,12 +518,13 @@ async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write
     filler: CacheFiller,
     registry: CollectorRegistry,
     monkeypatch: pytest.MonkeyPatch,
-    write_fails: bool,
+    write_error: Exception | None,
 ) -> None:
     """The key's snapshot is written to Redis while the resolution goes on, not waited for. A
     first lease sync that gets to Redis before that write finds the project cold, and waits
     for the write as for any fill in flight: admitted, with no GetAdmissionSnapshot call. When
-    that write fails, the lease's fill asks the authority for the snapshot instead."""
+    Redis refuses that write, the lease's fill asks the authority for the snapshot instead;
+    when Redis is away, the request is refused (503) without that call."""
     token = authority.config.admin_token
     pid, secret, _ = await _keyed_project(authority_stub, auth_client, token)
     gate = asyncio.Event()
@@ -530,8 +536,8 @@ async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write
         writes.append(kwargs["mode"])
         if len(writes) == 1:
             await gate.wait()
-            if write_fails:
-                raise redis.exceptions.ConnectionError("Redis went away during the write")
+            if write_error is not None:
+                raise write_error
         return await fill(*args, **kwargs)
 
     monkeypatch.setattr(filler.store, "fill", held_back)
@@ -546,22 +552,83 @@ async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write
         assert await identity.resolve(secret) == pid
     assert await wallet_hash(rclient, pid) == {}
     first = asyncio.ensure_future(leases.admit(charge, pid))
-    await asyncio.sleep(0)  # one loop turn: the request registers as the lease's waiter
-    assert await leases.sync_round() == 1
-    assert leases.stats.cold == 1 and not first.done(), "cold: it waits for the write"
-    gate.set()
+    try:
+        await asyncio.sleep(0)  # one loop turn: the request registers as the lease's waiter
+        assert await leases.sync_round() == 1
+        assert leases.stats.cold == 1, "the sync got to Redis before the write"
+    finally:
+        gate.set()
     async with asyncio.timeout(10):
         while not first.done():
             await leases.sync_round()
             await asyncio.wait({first}, timeout=0.01)  # the write completes meanwhile
     decision = first.result()
-    assert decision.admitted and decision.hold is not None
-    assert leases.end_local(decision.hold, True, 10) is None
-    assert auth_client.calls["ResolveApiKey"] == calls.get("ResolveApiKey", 0) + 1
     fills = auth_client.calls["GetAdmissionSnapshot"] - calls.get("GetAdmissionSnapshot", 0)
-    assert (fills, writes) == ((1, ["offer", "fill"]) if write_fails else (0, ["offer"]))
-    assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 100
+    assert auth_client.calls["ResolveApiKey"] == calls.get("ResolveApiKey", 0) + 1
+    if isinstance(write_error, redis.exceptions.ConnectionError):
+        assert not decision.admitted and decision.reason is Reason.UNAVAILABLE
+        assert (fills, writes) == (0, ["offer"])
+    else:
+        assert decision.admitted and decision.hold is not None
+        assert leases.end_local(decision.hold, True, 10) is None
+        assert (fills, writes) == (
+            (0, ["offer"]) if write_error is None else (1, ["offer", "fill"])
+        )
+        assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 100
     await leases.aclose()
+
+
+async def test_events_replayed_after_an_offered_snapshot_tell_the_leases(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    filler: CacheFiller,
+    registry: CollectorRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A top-up the Watch delivers while the key's snapshot is being written is buffered, then
+    applied after the write, and the leases are told (a sync may have read Redis in between,
+    now that the request does not wait for the write). A later fill finds the snapshot there
+    and asks the authority nothing."""
+    token = authority.config.admin_token
+    pid, secret, start = await _keyed_project(authority_stub, auth_client, token)
+    told: list[str] = []
+    filler.project_listeners = (told.append,)
+    gate = asyncio.Event()
+    fill = filler.store.fill
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await fill(*args, **kwargs)
+
+    monkeypatch.setattr(filler.store, "fill", held_back)
+    async with watching(filler, registry, start.cursor) as watch:
+        identity = IdentityResolver(rclient, auth_client, registry=registry, snapshots=filler)
+        try:
+            async with asyncio.timeout(5):
+                assert await identity.resolve(secret) == pid
+            before = watch.cursor
+            await authority_stub.TopUp(
+                pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=50),
+                metadata=admin_md(token),
+                timeout=10,
+            )
+
+            async def delivered() -> bool:
+                return watch.cursor > before
+
+            await eventually(delivered)
+            assert told == [], "buffered behind the write: nothing applied yet"
+        finally:
+            gate.set()
+        await filler.filled(pid)
+        assert told == [pid]
+        assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 150
+        calls = auth_client.calls["GetAdmissionSnapshot"]
+        assert await filler.fill(pid) is True
+        assert auth_client.calls["GetAdmissionSnapshot"] == calls
+        assert registry.get_sample_value("creditgate_cache_fills_total", {"result": "landed"}) == 1
 
 
 async def test_an_event_after_the_keys_snapshot_is_applied_after_it(
