@@ -470,6 +470,23 @@ async def _keyed_project(
     return pid, secret, start
 
 
+async def _top_up_delivered(
+    stub: pb_grpc.CreditServiceAsyncStub, token: str, pid: str, watch: WatchSubscriber
+) -> None:
+    """Top the project up by 50 and wait until the Watch has delivered the change."""
+    before = watch.cursor
+    await stub.TopUp(
+        pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=50),
+        metadata=admin_md(token),
+        timeout=10,
+    )
+
+    async def delivered() -> bool:
+        return watch.cursor > before
+
+    await eventually(delivered)
+
+
 async def test_a_key_resolved_at_the_authority_fills_its_project_in_the_same_call(
     authority: AuthorityServer,
     authority_stub: pb_grpc.CreditServiceAsyncStub,
@@ -608,17 +625,7 @@ async def test_events_replayed_after_an_offered_snapshot_tell_the_leases(
         try:
             async with asyncio.timeout(5):
                 assert await identity.resolve(secret) == pid
-            before = watch.cursor
-            await authority_stub.TopUp(
-                pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=50),
-                metadata=admin_md(token),
-                timeout=10,
-            )
-
-            async def delivered() -> bool:
-                return watch.cursor > before
-
-            await eventually(delivered)
+            await _top_up_delivered(authority_stub, token, pid, watch)
             assert told == [], "buffered behind the write: nothing applied yet"
         finally:
             gate.set()
@@ -648,16 +655,8 @@ async def test_an_event_after_the_keys_snapshot_is_applied_after_it(
             key, snapshot = await auth_client.resolve_api_key_with_snapshot(hash_secret(secret))
             assert key is not None and snapshot is not None
             assert snapshot.wallet.available == 100
-            await authority_stub.TopUp(
-                pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=50),
-                metadata=admin_md(token),
-                timeout=10,
-            )
-
-            async def delivered() -> bool:
-                return watch.cursor > snapshot.cursor
-
-            await eventually(delivered)
+            await _top_up_delivered(authority_stub, token, pid, watch)
+            assert watch.cursor > snapshot.cursor
         assert await wallet_hash(rclient, pid) == {}, "not cached: the top-up applied nothing"
         # Without what was recorded, the snapshot would be written without the top-up.
         with filler.recording() as nothing:
@@ -718,17 +717,7 @@ async def test_an_event_at_any_await_of_the_key_resolution_is_applied(
                 return getattr(rclient, name)
 
             async def set(self, *args: object, **kwargs: object) -> object:
-                before = watch.cursor
-                await authority_stub.TopUp(
-                    pb.TopUpRequest(request_id=f"t-{pid}", project_id=pid, amount=50),
-                    metadata=admin_md(token),
-                    timeout=10,
-                )
-
-                async def delivered() -> bool:
-                    return watch.cursor > before
-
-                await eventually(delivered)
+                await _top_up_delivered(authority_stub, token, pid, watch)
                 return await rclient.set(*args, **kwargs)  # type: ignore[arg-type]
 
         identity = IdentityResolver(
