@@ -522,6 +522,27 @@ async def test_a_key_resolved_at_the_authority_fills_its_project_in_the_same_cal
     assert (await wallet_hash(rclient, pid))[keys.W_SNAPSHOT] == 299
 
 
+def _hold_back_first_write(
+    filler: CacheFiller, monkeypatch: pytest.MonkeyPatch, error: Exception | None = None
+) -> tuple[asyncio.Event, list[str]]:
+    """The first snapshot write waits for the returned gate (then fails with `error`, when
+    given); every write's mode is recorded in the returned list."""
+    gate = asyncio.Event()
+    writes: list[str] = []
+    fill = filler.store.fill
+
+    async def held_back(*args: Any, **kwargs: Any) -> Any:
+        writes.append(kwargs["mode"])
+        if len(writes) == 1:
+            await gate.wait()
+            if error is not None:
+                raise error
+        return await fill(*args, **kwargs)
+
+    monkeypatch.setattr(filler.store, "fill", held_back)
+    return gate, writes
+
+
 @pytest.mark.parametrize(
     "write_error",
     [None, redis.exceptions.ResponseError("OOM"), redis.exceptions.ConnectionError("gone")],
@@ -544,20 +565,7 @@ async def test_a_first_lease_sync_ahead_of_the_keys_snapshot_waits_for_its_write
     when Redis is away, the request is refused (503) without that call."""
     token = authority.config.admin_token
     pid, secret, _ = await _keyed_project(authority_stub, auth_client, token)
-    gate = asyncio.Event()
-    fill = filler.store.fill
-
-    writes: list[str] = []
-
-    async def held_back(*args: Any, **kwargs: Any) -> Any:
-        writes.append(kwargs["mode"])
-        if len(writes) == 1:
-            await gate.wait()
-            if write_error is not None:
-                raise write_error
-        return await fill(*args, **kwargs)
-
-    monkeypatch.setattr(filler.store, "fill", held_back)
+    gate, writes = _hold_back_first_write(filler, monkeypatch, write_error)
     policy = make_policy()
     engine = AdmissionEngine(rclient, policy, filler, gateway_id="gw-offer")
     leases = LeaseAdmitter(engine.store, policy, filler, route_problem=engine.route_problem)
@@ -612,14 +620,7 @@ async def test_events_replayed_after_an_offered_snapshot_tell_the_leases(
     pid, secret, start = await _keyed_project(authority_stub, auth_client, token)
     told: list[str] = []
     filler.project_listeners = (told.append,)
-    gate = asyncio.Event()
-    fill = filler.store.fill
-
-    async def held_back(*args: Any, **kwargs: Any) -> Any:
-        await gate.wait()
-        return await fill(*args, **kwargs)
-
-    monkeypatch.setattr(filler.store, "fill", held_back)
+    gate, _ = _hold_back_first_write(filler, monkeypatch)
     async with watching(filler, registry, start.cursor) as watch:
         identity = IdentityResolver(rclient, auth_client, registry=registry, snapshots=filler)
         try:
