@@ -198,8 +198,6 @@ class CacheFiller:
         self._unsettled_limit = unsettled_limit
         self._metrics = authority_metrics(registry)
         self._inflight: dict[str, asyncio.Future[bool]] = {}
-        # The in-flight fills that write a snapshot offered with a key resolution.
-        self._offers: set[asyncio.Future[bool]] = set()
         # Told the project of every buffered event applied after a fill (the leases).
         self.project_listeners: tuple[Callable[[str], None], ...] = ()
         self._buffers: dict[str, list[pb.WatchEvent]] = {}
@@ -213,17 +211,6 @@ class CacheFiller:
 
     async def fill(self, project_id: str) -> bool:
         """Fill the project's snapshot; False when the authority does not know the project."""
-        offered = self._inflight.get(project_id)
-        if offered is not None and offered in self._offers:
-            self._metrics.cache_fills.labels(result="shared").inc()
-            try:
-                return await asyncio.shield(offered)
-            except Exception as err:
-                # Its write failed (the resolver logged it): fill the usual way, unless Redis
-                # is away (that fill's write would fail too, after an authority call).
-                self._metrics.cache_fills.labels(result="offer_failed").inc()
-                if redis_unreachable(err):
-                    raise
         return await self._single_flight(project_id, "fill")
 
     async def refresh(self, project_id: str, *, reset: bool = False) -> bool:
@@ -324,9 +311,7 @@ class CacheFiller:
         ]
         fut = asyncio.ensure_future(self._offered(snapshot))
         self._inflight[project_id] = fut
-        self._offers.add(fut)
         fut.add_done_callback(lambda f: self._done(project_id, f))
-        fut.add_done_callback(self._offers.discard)
         return fut
 
     async def filled(self, project_id: str) -> None:
@@ -336,7 +321,16 @@ class CacheFiller:
 
     async def _offered(self, snapshot: pb.ProjectSnapshot) -> bool:
         project_id = snapshot.wallet.project_id
-        await self.store.fill(snapshot, self.unsettled_limit(snapshot.wallet), mode="offer")
+        try:
+            await self.store.fill(snapshot, self.unsettled_limit(snapshot.wallet), mode="offer")
+        except REDIS_ERRORS as err:
+            self._metrics.cache_fills.labels(result="offer_failed").inc()
+            if redis_unreachable(err):
+                raise  # a fill's write would fail too, after an authority call
+            # Refused (an error reply): the usual fill, still as this in-flight fill, so the
+            # requests waiting for it and the event buffer carry over.
+            log.warning("writing the snapshot offered for %s failed: %r", project_id, err)
+            return await self._fill(project_id, "fill")
         self._metrics.cache_fills.labels(result="offered").inc()
         await self._replay(project_id, snapshot.cursor)
         return True
@@ -415,10 +409,10 @@ class CacheFiller:
                 count += 1
         return count
 
-    async def aclose(self, offers_within_s: float = 2.0) -> None:
-        # Snapshot writes offered with a key outlive their requests: let them land first.
-        if self._offers:
-            await asyncio.wait(set(self._offers), timeout=offers_within_s)
+    async def aclose(self, fills_within_s: float = 2.0) -> None:
+        # A snapshot write offered with a key outlives its request: let fills land first.
+        if self._inflight:
+            await asyncio.wait(set(self._inflight.values()), timeout=fills_within_s)
         tasks = list(self._background)
         for task in tasks:
             task.cancel()
