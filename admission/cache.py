@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from importlib import resources
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -31,7 +31,9 @@ from creditservice.v1 import credit_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-RedisClient = Redis | RedisCluster
+# Explicit aliases: where redis is not installed (the mypyc build environment) both sides are
+# Any, and mypy would take a bare `A | B` of two Anys for a variable, not a type.
+RedisClient: TypeAlias = Redis | RedisCluster
 
 _WALLET_KEY = re.compile(
     r"^" + keys.PREFIX + r":\{" + keys.PREFIX + r"(\d+)\}:w:([a-z0-9][a-z0-9_-]{0,62})$"
@@ -159,7 +161,7 @@ class SnapshotStore:
 
 
 # A number, a function of the wallet, or None for the engine's policy default (invariant 7).
-UnsettledLimit = int | Callable[[pb.Wallet], int] | None
+UnsettledLimit: TypeAlias = int | Callable[[pb.Wallet], int] | None
 
 
 RECORDING_LIMIT = 10_000

@@ -43,8 +43,9 @@ if [ -z "${CREDITGATE_TEST_PG_DSN:-}" ] && ! pg_up; then
 fi
 
 # The build's output goes to a log (pip -q would hide the build hook's warning). A compile that
-# fell back to the Python source is retried once: on a fresh machine the first build has been
-# seen to fall back once and then compile on the next try. (CI sets CREDITGATE_REQUIRE_COMPILED:
+# fell back to the Python source is retried once. (A fresh machine's first build once fell back
+# because mypyc's type check, run before the runtime dependencies were installed, failed where they
+# were missing; tests/test_build.py now checks that case.) (CI sets CREDITGATE_REQUIRE_COMPILED:
 # there a failed compile fails the install at once.)
 build_log=$(mktemp "${TMPDIR:-/tmp}/creditgate-build.XXXXXX")
 # Whether the build compiled, whatever CREDITGATE_PURE_PYTHON says about which one runs.
