@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from admission import keys
 from admission.authority import AuthorityClient
 from admission.cache import CacheFiller
-from admission.decision import Hold
+from admission.decision import Hold, Reason
 from admission.engine import AdmissionEngine
 from admission.flusher import Flusher
 from admission.policy import Policy, parse_policy
@@ -213,6 +213,39 @@ async def test_dead_consumer_entries_are_reclaimed(
     assert await drain_all(live) == 3
     assert await ledger_usage(authority_stub, token, pid) == 12
     assert (await wallet_hash(rclient, pid))[keys.W_UNSETTLED] == 0
+
+
+async def test_an_entry_settled_before_its_flusher_died_leaves_redis_with_the_debit(
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+    rclient: aioredis.Redis,
+    auth_client: AuthorityClient,
+    engine: AdmissionEngine,
+    registry: CollectorRegistry,
+) -> None:
+    """A flusher that sent a batch and died before acknowledging it (or whose reply was lost):
+    the entry is reclaimed and re-sent, the authority answers DUPLICATE, and the ack takes the
+    commit off `uns`. The reply must carry the wallet that includes the debit, or Redis keeps
+    the balance from before it and admits on credit that no longer exists (no Watch here)."""
+    token = authority.config.admin_token
+    pid = new_project_id()
+    await make_wallet(authority_stub, token, pid, balance=100)
+    assert (await engine.commit(await charge(engine, pid), 100)).ok  # overage: all of it
+
+    dead = flusher_for(rclient, auth_client, registry, gateway_id="dead")
+    reply = await dead.send(await dead.read_batch())  # applied; never acknowledged
+    assert [r.status for r in reply.results] == [pb.APPLIED]
+
+    live = flusher_for(rclient, auth_client, registry, gateway_id="live", claim_idle_ms=0)
+    assert await drain_all(live) == 1
+    assert await ledger_usage(authority_stub, token, pid) == 100
+    wallet = await wallet_hash(rclient, pid)
+    assert (wallet[keys.W_SNAPSHOT], wallet[keys.W_UNSETTLED]) == (0, 0), wallet
+    route = engine.policy.route("charge")
+    assert route is not None
+    denied = await engine.admit(engine.request_for(route, pid))
+    # The balance reached 0: the wallet is in GRACE, where chargeable requests are denied.
+    assert not denied.admitted and denied.reason is Reason.WALLET_GRACE, denied
 
 
 async def test_own_pending_entries_are_replayed_after_restart(

@@ -26,7 +26,10 @@ async def settle_batch(work: Work, events: Sequence[pb.SettlementEvent]) -> pb.S
 
     A known event answers DUPLICATE with its first result (REJECTED again if it was rejected);
     a repeat inside the batch counts as known. `wallets` holds every wallet an event of this
-    batch was applied to; only a wallet whose balance moved gets a new version and a change.
+    batch was applied to or answered DUPLICATE for; only a wallet whose balance moved gets a
+    new version and a change. A DUPLICATE's wallet matters: the gateway takes the event's
+    amount off its unsettled sum when it acknowledges the answer, so it needs the balance that
+    already includes the event (a re-sent batch whose first answer was lost).
     A COMMIT's USAGE entry records the event's `quantity`, the requests it stands for (0, as
     from a gateway older than the field, means 1); a negative quantity is REJECTED.
     """
@@ -60,6 +63,8 @@ async def settle_batch(work: Work, events: Sequence[pb.SettlementEvent]) -> pb.S
         first = known.get(eid)
         if first is not None:
             status, error, lseq = first
+            if status != _REJECTED and e.project_id in wallets:
+                touched[e.project_id] = None
             add_result(
                 event_id=eid,
                 status=_REJECTED if status == _REJECTED else _DUPLICATE,

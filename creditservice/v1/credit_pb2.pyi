@@ -1358,7 +1358,10 @@ class SettleResponse(_message.Message):
 
     @_builtins.property
     def wallets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Wallet]:
-        """new snapshot of every wallet touched"""
+        """Every wallet an event was applied to (a new snapshot where the balance moved) or answered
+        DUPLICATE for (as it stands): acknowledging the results, a gateway needs the balance
+        that includes them.
+        """
 
     def __init__(
         self,
