@@ -9,6 +9,20 @@ import zlib
 
 DEFAULT_SHARDS = 16
 PREFIX = "cg"
+# A gateway id travels in every outbox event (E_GATEWAY); the authority refuses an event whose
+# gateway_id is longer, and a refused event is never charged: the id is checked at start.
+MAX_GATEWAY_ID = 128
+
+
+def check_gateway_id(gateway_id: str) -> None:
+    """ValueError unless `gateway_id` can travel in an outbox event."""
+    if not gateway_id:
+        raise ValueError("gateway_id must not be empty")
+    if len(gateway_id) > MAX_GATEWAY_ID:
+        raise ValueError(
+            f"gateway_id is {len(gateway_id)} characters long, at most {MAX_GATEWAY_ID} "
+            "allowed (the authority refuses longer ids in settlement events)"
+        )
 
 
 def shard_of(project_id: str, shards: int = DEFAULT_SHARDS) -> int:

@@ -192,7 +192,9 @@ class LocalLease:
         self.admitted = 0  # credits held since the last send (demand estimate)
         self.need = 0
         self.need_sum = 0
-        # (route, meter) -> [amount, held, count]: commits not yet sent to Redis.
+        # (route, meter) -> [amount, held, count, ...]: commits not yet sent to Redis, one
+        # triple per outbox event. A sum that would pass MAX_AMOUNT (what the authority takes
+        # in one event) opens a new triple: each triple stays a valid event.
         self.pending: dict[tuple[str, str], list[int]] = {}
         self.quotas: dict[str, _Quota] = {}
         # id(route) -> its quotas here, resolved and rendered; cleared by every reply.
@@ -735,9 +737,13 @@ class LeaseAdmitter:
             if p is None:
                 lease.pending[key] = [charge, held, 1]
             else:
-                p[0] += charge
-                p[1] += held
-                p[2] += 1
+                last = len(p) - 3
+                if p[last] + charge > MAX_AMOUNT or p[last + 1] + held > MAX_AMOUNT:
+                    p.extend((charge, held, 1))
+                else:
+                    p[last] += charge
+                    p[last + 1] += held
+                    p[last + 2] += 1
         for name in hold.counters:
             q = lease.quotas.get(name)
             if q is not None and q.kind is _CONC and q.inflight > 0:
@@ -924,11 +930,12 @@ class LeaseAdmitter:
         self._needs(lease)
         lease.seq += 1
         seq = lease.seq
-        events = []
-        for i, ((route, meter), (amount, held, count)) in enumerate(lease.pending.items()):
-            events.append(
-                LeaseEvent(f"{lease.lease_id}.{seq}.{i}", amount, held, count, meter, route)
-            )
+        events: list[LeaseEvent] = []
+        for (route, meter), sums in lease.pending.items():
+            for j in range(0, len(sums), 3):
+                amount, held, count = sums[j], sums[j + 1], sums[j + 2]
+                eid = f"{lease.lease_id}.{seq}.{len(events)}"
+                events.append(LeaseEvent(eid, amount, held, count, meter, route))
         lease.pending = {}
         if close:
             keep = want = want_min = 0
@@ -1212,9 +1219,10 @@ def _unsent(lease: LocalLease) -> tuple[int, int]:
     send, those of the sync on its way now, and those of a sent sync whose outcome is unknown
     (re-sent as is)."""
     count = credits = 0
-    for amount, _held, n in lease.pending.values():
-        count += n
-        credits += amount
+    for sums in lease.pending.values():
+        for j in range(0, len(sums), 3):
+            credits += sums[j]
+            count += sums[j + 2]
     ops = [] if lease.retry_op is None else [lease.retry_op]
     if lease.in_flight is not None and lease.in_flight is not lease.retry_op:  # a re-send
         ops.append(lease.in_flight)

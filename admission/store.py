@@ -265,6 +265,7 @@ class Store:
     """Runs batches of admit/settle operations against Redis or Redis Cluster."""
 
     def __init__(self, client: Client, *, gateway_id: str) -> None:
+        keys.check_gateway_id(gateway_id)
         self._client = client
         self._cluster = isinstance(client, aioredis.RedisCluster)
         self._gateway = gateway_id

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from admission.keys import check_gateway_id
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -80,8 +82,7 @@ class GatewayConfig:
             raise ValueError(f"metrics_path must start with '/': {self.metrics_path!r}")
         if self.metrics_top_projects < 0:
             raise ValueError("metrics_top_projects must be >= 0")
-        if not self.gateway_id:
-            raise ValueError("gateway_id must not be empty")
+        check_gateway_id(self.gateway_id)
         self.trusted_proxies = tuple(self.trusted_proxies)
         self.metrics_projects = tuple(self.metrics_projects)
 

@@ -84,9 +84,11 @@ def test_the_hot_path_type_checks_for_mypyc_without_the_runtime_dependencies(
     hook = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
         "targets"
     ]["wheel"]["hooks"]["custom"]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
     check = subprocess.run(
-        [sys.executable, "-m", "mypy", *hook["mypy-args"], "--no-site-packages"]
-        + ["--cache-dir", str(tmp_path / "cache"), *hook["include"]],
+        [sys.executable, "-m", "mypy", *hook["mypy-args"], "--no-site-packages", *cache]
+        + hook["include"],
+        check=False,
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ from admission import keys
 from admission.decision import Decision, QuotaKind, Reason, WalletState
 from admission.engine import AdmissionEngine
 from admission.lease import LeaseAdmitter, LocalLease
-from admission.policy import Policy, Route, parse_policy
+from admission.policy import MAX_AMOUNT, Policy, Route, parse_policy
 from admission.store import LeaseOp, LeaseResult
 from tests.fixtures_admission import (
     DictFiller,
@@ -274,6 +274,30 @@ async def test_overage_commit_and_release(
     assert sum(int(e[keys.E_AMOUNT]) for e in events) == 28
     assert sum(int(e[keys.E_HELD]) for e in events) == 20
     assert sum(int(e[keys.E_QUANTITY]) for e in events) == 2
+
+
+async def test_commits_summed_past_what_one_event_may_carry_are_split(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    """Commits of one route end up summed into one outbox event per sync, but the authority
+    refuses an event above MAX_AMOUNT (10^15): such an event would never be charged. Each
+    commit alone is within the cap; their sum opens a second event instead."""
+    leases = gateways()
+    p = project(filler, snap=1000)
+    tokens = route(policy, "tokens")
+    holds = [(await admit(leases, tokens, p)).hold for _ in range(3)]
+    big = 6 * 10**14
+    for hold in holds:
+        assert hold is not None
+        assert leases.end(hold, True, big).amount == big  # all three before the next sync
+    await leases.aclose()
+    events = [e for e in await outbox_events(rclient, p, 4) if e[keys.E_KIND] == "COMMIT"]
+    amounts = sorted(int(e[keys.E_AMOUNT]) for e in events)
+    assert amounts == [big, 2 * big] or amounts == [big, big, big], amounts
+    assert all(int(e[keys.E_AMOUNT]) <= MAX_AMOUNT for e in events)
+    assert sum(int(e[keys.E_QUANTITY]) for e in events) == 3
+    assert len({e[keys.E_EVENT_ID] for e in events}) == len(events)
+    assert (await wallet_of(rclient, p, 4))["uns"] == 3 * big
 
 
 async def test_commit_above_hold_without_overage_is_released(

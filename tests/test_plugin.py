@@ -14,11 +14,13 @@ from typing import Any
 
 import http_sfv
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import ClientResponse, web
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from admission.policy import parse_policy
+from admission.store import Store
 from creditservice.clock import ManualClock
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
@@ -817,6 +819,14 @@ def test_config_from_env_and_toml(tmp_path: Path) -> None:
         GatewayConfig.from_env({"CREDITGATE_RUN_FLUSHER": "perhaps"})
     with pytest.raises(ValueError, match="policy is required"):
         setup(web.Application(), GatewayConfig())
+    # The id travels in every settlement event, and the authority takes at most 128
+    # characters: a longer one would leave every commit of the gateway uncharged.
+    assert GatewayConfig(gateway_id="g" * 128).gateway_id == "g" * 128
+    for bad, why in (("", "must not be empty"), ("g" * 129, "129 characters long")):
+        with pytest.raises(ValueError, match=why):
+            GatewayConfig(gateway_id=bad)
+        with pytest.raises(ValueError, match=why):
+            Store(aioredis.Redis(), gateway_id=bad)  # every other way to an engine
 
 
 async def test_metrics_endpoint_bypasses_a_catch_all_route(gateway_factory: GatewayFactory) -> None:

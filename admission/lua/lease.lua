@@ -388,8 +388,9 @@ local function expire(lkey, lid, declared)
   end
   -- The rate grant members stay in the logs: stamped at the lease's exp, the units a dead
   -- gateway may have used count until they leave the window.
+  -- `ha` is informational (an EXPIRE charges nothing); the authority takes at most 10^15.
   redis.call('XADD', outbox, '*', 'id', lid .. '.x', 'k', 'EXPIRE', 'p', project, 'h', lid,
-    'ha', fmt(amount), 'a', '0', 't', fmt(now), 'g', gateway, 'n', '0')
+    'ha', fmt(math.min(amount, 1e15)), 'a', '0', 't', fmt(now), 'g', gateway, 'n', '0')
   redis.call('DEL', lkey)
   redis.call('ZREM', hx, lid)
   return reply(OK, 0, 0, 0, 0, 0, 0, 0, '', '', {})
