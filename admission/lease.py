@@ -162,7 +162,7 @@ class LocalLease:
         "in_flight",
         "inflight",
         "lease_id",
-        "low",
+        "low_room",
         "need",
         "need_sum",
         "pending",
@@ -200,7 +200,7 @@ class LocalLease:
         # id(route) -> its quotas here, resolved and rendered; cleared by every reply.
         self.views: dict[int, _View] = {}
         self.state = WalletState.UNSPECIFIED
-        self.low = False
+        self.low_room = 0  # LOW while more than this is in flight here (LeaseResult)
         self.grace_until_ms = 0
         self.credit_short: Reason | None = None
         self.synced = False  # a sync answered: the fields above are Redis's
@@ -614,7 +614,7 @@ class LeaseAdmitter:
             quotas,
             None,
             lease.state,
-            lease.low,
+            lease.inflight > lease.low_room,
             lease.grace_until_ms,
             route.shadow,
             None,
@@ -651,7 +651,7 @@ class LeaseAdmitter:
                 lease.project_id,
                 quotas=self._statuses(lease, spec),
                 wallet_state=lease.state,
-                low_balance=lease.low,
+                low_balance=lease.inflight > lease.low_room,
                 grace_until_ms=lease.grace_until_ms,
                 shadow=True,
                 would_deny=reason,
@@ -663,7 +663,7 @@ class LeaseAdmitter:
             quotas=self._statuses(lease, spec),
             retry_after_seconds=retry,
             wallet_state=lease.state,
-            low_balance=lease.low,
+            low_balance=lease.inflight > lease.low_room,
             grace_until_ms=lease.grace_until_ms,
         )
 
@@ -1018,7 +1018,7 @@ class LeaseAdmitter:
         lease.views.clear()  # limits, windows or kinds may have changed
         lease.free += res.amount - op.keep
         lease.state = res.wallet_state
-        lease.low = res.low
+        lease.low_room = res.low_room
         lease.grace_until_ms = res.grace_until_ms
         lease.replied_at = now
         lease.valid_until = lease.sent_at + self._ttl_s - self._margin_s

@@ -186,7 +186,9 @@ class LeaseResult:
     now_ms: int
     expires_ms: int  # the lease's new exp (SYNC), 0 otherwise
     wallet_state: WalletState
-    low: bool  # snap - uns - held < low threshold, after this sync
+    # Credits the lease's holds may have in flight before the wallet is LOW (lease.lua): the
+    # wallet is LOW while the lease has more in flight than this.
+    low_room: int
     grace_until_ms: int
     amount: int  # credits now held by the lease (keep + granted); 0 after CLOSE/EXPIRE
     reason: Reason | None  # when the credit grant < want_min (WALLET_EXPIRED: always if EXPIRED)
@@ -544,7 +546,7 @@ class Store:
             int(raw[1]),
             int(raw[2]),
             _STATES.get(int(raw[3]), WalletState.UNSPECIFIED),
-            int(raw[4]) == 1,
+            int(raw[4]),
             int(raw[5]),
             int(raw[6]),
             _REASONS[reason] if reason else None,

@@ -300,6 +300,32 @@ async def test_commits_summed_past_what_one_event_may_carry_are_split(
     assert (await wallet_of(rclient, p, 4))["uns"] == 3 * big
 
 
+async def test_low_balance_counts_what_is_in_flight_not_what_the_lease_holds(
+    gateways: Factory, policy: Policy, filler: DictFiller
+) -> None:
+    """The LOW warning as hold mode gives it (snap - uns - held < low, held = credits of holds
+    in flight): a lease's unused credits are not spent. Balance 1000, threshold 975, cost 10:
+    the third request in flight is the first one below the threshold."""
+    leases = gateways()
+    p = project(filler, snap=1000, low=975)
+    tokens = route(policy, "tokens")
+    decisions = [await admit(leases, tokens, p) for _ in range(3)]
+    assert [d.low_balance for d in decisions] == [False, False, True]
+    for d in decisions:
+        assert d.hold is not None
+        leases.end(d.hold, False)
+    fourth = await admit(leases, tokens, p)
+    assert not fourth.low_balance and fourth.hold is not None  # 10 in flight, room 25
+    leases.end(fourth.hold, False)
+    # Spent (committed and synced): 1000 - 30 is below 975 with nothing in flight.
+    again = [await admit(leases, tokens, p) for _ in range(2)]
+    for d in again:
+        assert d.hold is not None
+        leases.end(d.hold, True, 15)
+    await leases.flush()
+    assert (await admit(leases, tokens, p)).low_balance
+
+
 async def test_commit_above_hold_without_overage_is_released(
     gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
 ) -> None:

@@ -176,7 +176,7 @@ async def test_first_sync_grants_credits_units_and_slots(env: Env) -> None:
     )
     assert res.status is LeaseStatus.OK and not res.renewed
     assert res.now_ms == T0 and res.expires_ms == T0 + 2000
-    assert res.wallet_state is WalletState.HEALTHY and not res.low and res.reason is None
+    assert res.wallet_state is WalletState.HEALTHY and res.low_room == 1000 and res.reason is None
     assert res.amount == 100  # min(want 100, half of 1000 available)
     rq, cq = res.quotas
     # Rate: half of the 10 available; the grant counts at once, stamped at its expiry (62 s

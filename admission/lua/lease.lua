@@ -13,13 +13,17 @@
 --     then per event (6): event_id amount held count meter route
 --   EXPIRE lease_id nk
 --
--- Result per op: {status, now_ms, expires_ms, wallet state, low 0/1, grace_until, amount,
+-- Result per op: {status, now_ms, expires_ms, wallet state, low room, grace_until, amount,
 --                 reason, renewed 0/1, wallet_key, counters, nq, then per quota: name,
 --                 kind 0=rate 1=concurrency, limit, window_s, granted, remaining, reset_s,
 --                 retry_after_s}
 -- status 0 OK, 1 COLD, 2 UNKNOWN, 3 NOT_DUE, 4 WRONG_KEYS (wallet_key and counters, space
 -- separated, name the keys to declare), 5 STALE.
 -- reason 0 none, 3 insufficient credits, 4 grace, 5 expired, 6 backlog (admit.lua's numbers).
+-- low room: snap - uns - (held - the lease's amount) - low threshold, 0 when cold: the credits
+-- this lease's holds may have in flight before the wallet counts as LOW, as admit.lua decides
+-- it (snap - uns - held < low) for holds. The lease's unused credits are not spent; those other
+-- gateways lease count as held.
 -- A repeated seq returns the reply stored in the lease's `last` field (cjson, every element
 -- a string; the client reads numbers with int()).
 --
@@ -67,8 +71,8 @@ local function hash_of(key)
   return h
 end
 
-local function reply(status, exp, state, low, gu, amount, reason, renewed, wk, cq, quotas)
-  local r = {status, now, exp, state, low, gu, amount, reason, renewed, wk, cq, #quotas}
+local function reply(status, exp, state, room, gu, amount, reason, renewed, wk, cq, quotas)
+  local r = {status, now, exp, state, room, gu, amount, reason, renewed, wk, cq, #quotas}
   for _, q in ipairs(quotas) do
     local n = #r
     r[n + 1], r[n + 2], r[n + 3], r[n + 4] = q.name, q.kind_n, q.limit, q.win
@@ -308,9 +312,9 @@ local function sync(close, lkey, wallet, qdefs, a, quotas, events)
     end
   end
 
-  local low_flag = 0
-  if not cold and snap - uns - held < low then
-    low_flag = 1
+  local low_room = 0
+  if not cold then
+    low_room = snap - uns - (held - amount) - low
   end
   local status = OK
   if cold then
@@ -319,7 +323,7 @@ local function sync(close, lkey, wallet, qdefs, a, quotas, events)
 
   -- 5. Store the lease (or end it: CLOSE).
   if close then
-    local r = reply(status, 0, state, low_flag, gu, 0, reason, renewed, '', '', quotas)
+    local r = reply(status, 0, state, low_room, gu, 0, reason, renewed, '', '', quotas)
     if #left_pools == 0 then
       -- A tombstone, so that a CLOSE re-sent after a lost reply gets this reply again instead
       -- of applying its events twice (lease ids are never reused).
@@ -342,7 +346,7 @@ local function sync(close, lkey, wallet, qdefs, a, quotas, events)
     return r
   end
   local exp = now + ttl_ms
-  local r = reply(status, exp, state, low_flag, gu, amount, reason, renewed, '', '', quotas)
+  local r = reply(status, exp, state, low_room, gu, amount, reason, renewed, '', '', quotas)
   redis.call('DEL', lkey)
   redis.call('HSET', lkey, 'p', project, 'a', fmt(amount), 'seq', fmt(seq), 'exp', fmt(exp),
     'cq', table.concat(counters, ' '), 'last', encode_reply(r), unpack(fields))
