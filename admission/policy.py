@@ -186,9 +186,9 @@ def compile_path(pattern: str) -> str:
                 raise ValueError("'**' is only allowed as the last segment")
             # `/a/**` matches /a, /a/ and everything below it.
             out.append("(?:/.*)?")
-        elif seg == "*" or _PARAM_RE.match(seg):
+        elif seg == "*" or _PARAM_RE.fullmatch(seg):
             out.append("/[^/]+")
-        elif "*" in seg or "{" in seg or "}" in seg or not _SEGMENT_RE.match(seg):
+        elif "*" in seg or "{" in seg or "}" in seg or not _SEGMENT_RE.fullmatch(seg):
             raise ValueError(f"bad segment {seg!r}")
         else:
             out.append("/" + re.escape(seg))
@@ -291,7 +291,7 @@ class _Parser:
     def _quota(self, name: str, body: Any) -> QuotaDef:
         loc = ("quotas", name)
         fld = f"quotas.{name}"
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             self._fail(fld, loc, "quota names use letters, digits, '.', '_' and '-'")
         if not isinstance(body, dict):
             self._fail(fld, loc, f"must be a table, got {body!r}")
@@ -326,12 +326,12 @@ class _Parser:
             self._fail(fld, loc, f"must be a table, got {body!r}")
         self._unknown(body, set(Route.__dataclass_fields__), fld + ".", loc)
         name = self._str(body, "name", None, f"{fld}.name", loc)
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             self._fail(
                 f"{fld}.name", (*loc, "name"), f"must match {_NAME_RE.pattern}, got {name!r}"
             )
         method = self._str(body, "method", "*", f"{fld}.method", loc)
-        if not _METHOD_RE.match(method):
+        if not _METHOD_RE.fullmatch(method):
             self._fail(
                 f"{fld}.method",
                 (*loc, "method"),
@@ -357,6 +357,15 @@ class _Parser:
             fld=f"{fld}.commit",
             loc=loc,
         )
+        if cost == 0 and commit != "held":
+            # A report is charged to the request's hold; with cost 0 there is none, and a
+            # charge without one would pass GRACE (where chargeable requests are denied).
+            self._fail(
+                f"{fld}.commit",
+                (*loc, "commit"),
+                f"{commit!r} needs a cost > 0 (the credits held while the request runs, "
+                "which the reported usage is charged against); got cost 0",
+            )
         weight = self._int(body, "weight", 1, lo=1, hi=MAX_AMOUNT, fld=f"{fld}.weight", loc=loc)
         qnames = body.get("quotas", [])
         if not isinstance(qnames, list) or not all(isinstance(q, str) for q in qnames):
@@ -382,7 +391,7 @@ class _Parser:
         if len(set(qnames)) != len(qnames):
             self._fail(f"{fld}.quotas", (*loc, "quotas"), f"duplicate quota in {qnames!r}")
         meter = self._str(body, "meter", "requests", f"{fld}.meter", loc)
-        if not _NAME_RE.match(meter):
+        if not _NAME_RE.fullmatch(meter):
             self._fail(
                 f"{fld}.meter", (*loc, "meter"), f"must match {_NAME_RE.pattern}, got {meter!r}"
             )

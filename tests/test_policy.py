@@ -243,6 +243,22 @@ def _err(text: str) -> str:
             'policy.toml:23: routes[0].commit: must be one of "held" | "reported" | "overage", '
             'got "later"',
         ),
+        (
+            # Nothing is held: a report would be charged without a hold (and past GRACE).
+            "cost = 10\ncommit = \"held\"",
+            "cost = 0\ncommit = \"overage\"",
+            "policy.toml:23: routes[0].commit: 'overage' needs a cost > 0",
+        ),
+        (
+            "cost = 10\ncommit = \"held\"",
+            "cost = 0\ncommit = \"reported\"",
+            "policy.toml:23: routes[0].commit: 'reported' needs a cost > 0",
+        ),
+        (
+            'name = "model"',
+            'name = "model\\n"',
+            "policy.toml:33: routes[1].name: must match",
+        ),
         ("weight = 1", "weigth = 1", "policy.toml:25: routes[0].weigth: unknown key"),
         (
             "shadow = false",
