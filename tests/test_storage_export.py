@@ -261,6 +261,53 @@ async def test_tampered_or_broken_streams_are_refused_with_nothing_written(
         await dst.close()
 
 
+def _resealed(records: list[pb.ExportRecord]) -> list[pb.ExportRecord]:
+    """`records` with a trailer recomputed for them, as anyone editing an export can."""
+    digest = transfer.Digest()
+    for r in records[:-1]:
+        digest.add(r)
+    return [*records[:-1], pb.ExportRecord(trailer=digest.trailer())]
+
+
+@pytest.mark.parametrize("destination", ["sqlite", "postgresql"])
+async def test_a_resealed_stream_that_contradicts_its_ledger_is_refused(
+    tmp_path: Path, pg_dsn: str, destination: str
+) -> None:
+    """The digest shows the stream is whole, not that it is right: a wallet balance that
+    is not its ledger's sum, or an entry of the wrong sign, would create money. The import
+    checks what verify() checks before it commits, and writes nothing."""
+    src = await open_store(f"sqlite:///{tmp_path}/source.db")
+    backend = make_backend(destination, tmp_path, pg_dsn)
+    dst = await open_store(backend.url)
+    try:
+        await populate(src)
+        exported = await export_all(src)
+
+        def edited(change: str) -> list[pb.ExportRecord]:
+            out = [pb.ExportRecord() for _ in exported]
+            for t, r in zip(out, exported, strict=True):
+                t.CopyFrom(r)
+            if change == "balance":
+                next(t for t in out if t.HasField("wallet")).wallet.balance += 10**12
+            else:  # a top-up of the wrong sign, its balances made to agree
+                entry = next(t.entry for t in out if t.HasField("entry") and t.entry.amount > 0)
+                entry.amount = -entry.amount
+            return _resealed(out)
+
+        for change, problem in (("balance", "ledger sum"), ("sign", "running sum")):
+            with pytest.raises(InvalidArgument, match=f"contradicts itself.*{problem}"):
+                await dst.import_records(stream(edited(change)))
+            assert [r.WhichOneof("record") for r in await export_all(dst)] == [
+                "header",
+                "trailer",
+            ], change
+        assert (await dst.import_records(stream(exported))).records == len(exported) - 1
+    finally:
+        await src.close()
+        await dst.close()
+        await backend.drop()
+
+
 async def test_postgresql_export_round_trips_into_sqlite(
     tmp_path: Path, pg_backend: Backend
 ) -> None:

@@ -215,6 +215,16 @@ async def import_records(
         for section in SECTIONS:
             if pending[section.field]:
                 await tx.insert_many(section.table, section.columns, pending[section.field])
+        # The digest proves the stream is whole, not that it is right: anyone can recompute
+        # it. What the store derives from the ledger must agree with the ledger, as verify()
+        # checks it, or the import would create (or lose) money.
+        problems = await _problems(tx)
+        if problems:
+            shown = "; ".join(problems[:5])
+            more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            raise InvalidArgument(
+                f"the export contradicts itself: {shown}{more}: refused, nothing imported"
+            )
     return pb.ImportResponse(
         records=digest.records,
         wallets=wallets,
@@ -274,21 +284,25 @@ _CHECKS: tuple[tuple[str, str], ...] = (
 
 async def verify(driver: Driver) -> list[str]:
     """Recompute what the store caches from the ledger; one line per disagreement."""
-    problems: list[str] = []
     async with driver.snapshot() as tx:
-        for sql, template in _CHECKS:
-            rows = await tx.fetch(f"{sql} LIMIT {_MAX_PROBLEMS}")
-            problems.extend(template.format(*r) for r in rows)
-        rows = await tx.fetch(
-            "SELECT project_id, state, balance, low_balance_threshold, grace_until_ms "
-            "FROM wallets ORDER BY project_id"
-        )
-        for project_id, state, balance, threshold, grace_until in rows:
-            if not domain.state_is_consistent(state, balance, threshold):
-                problems.append(
-                    f"wallet {project_id}: state {pb.WalletState.Name(state)} "
-                    f"does not fit balance {balance} (threshold {threshold})"
-                )
-            elif (state in (domain.GRACE, domain.EXPIRED)) != (grace_until != 0):
-                problems.append(f"wallet {project_id}: grace_until_ms {grace_until} in {state}")
+        return await _problems(tx)
+
+
+async def _problems(tx: Tx) -> list[str]:
+    problems: list[str] = []
+    for sql, template in _CHECKS:
+        rows = await tx.fetch(f"{sql} LIMIT {_MAX_PROBLEMS}")
+        problems.extend(template.format(*r) for r in rows)
+    rows = await tx.fetch(
+        "SELECT project_id, state, balance, low_balance_threshold, grace_until_ms "
+        "FROM wallets ORDER BY project_id"
+    )
+    for project_id, state, balance, threshold, grace_until in rows:
+        if not domain.state_is_consistent(state, balance, threshold):
+            problems.append(
+                f"wallet {project_id}: state {pb.WalletState.Name(state)} "
+                f"does not fit balance {balance} (threshold {threshold})"
+            )
+        elif (state in (domain.GRACE, domain.EXPIRED)) != (grace_until != 0):
+            problems.append(f"wallet {project_id}: grace_until_ms {grace_until} in {state}")
     return problems
