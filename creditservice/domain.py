@@ -37,6 +37,10 @@ Kind: TypeAlias = pb.LifecycleKind.ValueType
 DEFAULT_GRACE_PERIOD_SECONDS = 7 * 24 * 3600
 DEFAULT_RESERVATION_TTL_SECONDS = 300
 DEFAULT_METER = "requests"
+# The largest balance (either sign) a top-up or adjustment may leave. The gateways' Redis
+# scripts compute with doubles, exact up to 2^53 (about 9.007e15): a balance of at most 5e15,
+# plus the unsettled, held and overdraft amounts (each at most 1e15), stays exact there.
+MAX_BALANCE = 5 * 10**15
 
 HEALTHY: State = pb.HEALTHY
 LOW: State = pb.LOW

@@ -322,6 +322,36 @@ async def test_adjust_kinds_and_signs(store: Store) -> None:
         )
 
 
+async def test_balances_stay_where_the_gateways_compute_exactly(store: Store) -> None:
+    """Redis scripts compute with doubles (exact to 2^53): a top-up, credit or adjustment
+    that would leave a balance beyond MAX_BALANCE is refused, and nothing is written."""
+    pid = await make_wallet(store, topup=domain.MAX_BALANCE - 10**15, threshold=0)
+    await store.top_up(pb.TopUpRequest(request_id=rid(), project_id=pid, amount=10**15), NOW)
+    version = (await store.get_wallet(pid)).version
+    with pytest.raises(FailedPrecondition, match="maximum"):
+        await store.top_up(pb.TopUpRequest(request_id=rid(), project_id=pid, amount=1), NOW)
+    with pytest.raises(FailedPrecondition, match="maximum"):
+        await store.adjust(
+            pb.AdjustRequest(request_id=rid(), project_id=pid, kind=pb.REFUND, amount=1), NOW
+        )
+    wallet = await store.get_wallet(pid)
+    assert (wallet.balance, wallet.version) == (domain.MAX_BALANCE, version)
+    low = await make_wallet(store, threshold=0)
+    for _ in range(5):
+        await store.adjust(
+            pb.AdjustRequest(
+                request_id=rid(), project_id=low, kind=pb.ADJUSTMENT, amount=-(10**15)
+            ),
+            NOW,
+        )
+    with pytest.raises(FailedPrecondition, match="maximum"):
+        await store.adjust(
+            pb.AdjustRequest(request_id=rid(), project_id=low, kind=pb.ADJUSTMENT, amount=-1), NOW
+        )
+    assert (await store.get_wallet(low)).balance == -domain.MAX_BALANCE
+    assert await store.verify() == []
+
+
 async def test_concurrent_mutations_serialize(store: Store) -> None:
     pid = await make_wallet(store, threshold=0)
     await asyncio.gather(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from creditservice import domain
+from creditservice.errors import FailedPrecondition
 from creditservice.storage import queries
 from creditservice.storage.driver import Tx
 from creditservice.storage.rows import LEDGER
@@ -125,6 +126,16 @@ class Work:
         quantity: int = 0,
     ) -> pb.LedgerEntry:
         """Append one ledger entry, move the balance and save the wallet with its events."""
+        after = w.balance + amount
+        # Credits and adjustments are bounded; usage is never refused here (charged usage
+        # is bounded by GRACE, overdraft and the per-amount maximum).
+        if (amount > 0 and after > domain.MAX_BALANCE) or (
+            kind == pb.ADJUSTMENT and after < -domain.MAX_BALANCE
+        ):
+            raise FailedPrecondition(
+                f"the balance would be {after}, beyond the maximum of {domain.MAX_BALANCE} "
+                "(either sign): refused"
+            )
         entry = pb.LedgerEntry(
             seq=await self.next_seqs(1),
             project_id=w.project_id,
