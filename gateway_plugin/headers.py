@@ -167,3 +167,5 @@ def apply_denied(
         headers[RATELIMIT] = ratelimit_value(quotas)
     if retry_after is not None:
         headers[RETRY_AFTER] = str(retry_after)
+    if decision.low_balance:
+        headers[WARNING] = LOW_BALANCE_WARNING

@@ -8,6 +8,7 @@ authority's ledger holds exactly what the gateway committed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ from aiohttp import ClientResponse, web
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
+from admission.errors import REDIS_UNAVAILABLE_DETAIL
 from admission.policy import parse_policy
 from admission.store import Store
 from creditservice.clock import ManualClock
 from creditservice.server import AuthorityServer
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
-from gateway_plugin import GATEWAY_KEY, GatewayConfig, UsageError, setup, usage
+from gateway_plugin import GATEWAY_KEY, GatewayConfig, UsageError, problems, setup, usage
 from gateway_plugin.dashboard import DashboardConfig, setup_dashboard
 from gateway_plugin.metrics import ProjectDecisions
 from tests.fixtures_gateway import (
@@ -260,9 +262,14 @@ async def test_unmatched_route_denied_400_metrics_served(gateway_factory: Gatewa
 
 
 async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
-    gateway_factory: GatewayFactory, project_factory: ProjectFactory, own_redis: RedisProcess
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    own_redis: RedisProcess,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Hold mode: every request needs Redis, so the outage shows on the next request."""
+    """Hold mode: every request needs Redis, so the outage shows on the next request.
+
+    The client reads a sentence; what failed (the redis-py exception) is in the server log."""
     gw = await gateway_factory(
         BASIC_ROUTES,
         policy_text=GATEWAY_POLICY_HOLD,
@@ -274,9 +281,13 @@ async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
     assert (await gw.client.get("/charged", headers=bearer(secret))).status == 200
     await gw.state.wait_settled(10)
     own_redis.stop()
-    resp = await gw.client.get("/charged", headers=bearer(secret))
-    await problem(resp, 503, "admission-unavailable")
+    with caplog.at_level(logging.WARNING):
+        resp = await gw.client.get("/charged", headers=bearer(secret))
+    body = await problem(resp, 503, "admission-unavailable")
+    assert body["detail"] == REDIS_UNAVAILABLE_DETAIL
     assert int(resp.headers["Retry-After"]) == 2
+    logged = [r.getMessage() for r in caplog.records if r.name == "admission.engine"]
+    assert any("unreachable" in m and "ConnectionError" in m for m in logged), logged
     resp = await gw.client.get("/free", headers=bearer(secret))
     assert resp.status == 200
     assert gw.metric("creditgate_degraded_admits_total", {"route": "free"}) == 1
@@ -289,10 +300,18 @@ async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
 
 
 async def test_redis_down_lease_mode_admits_only_what_it_leased(
-    gateway_factory: GatewayFactory, project_factory: ProjectFactory, own_redis: RedisProcess
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    own_redis: RedisProcess,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Lease mode: credits and units already leased were reserved in Redis before the outage;
-    the gateway spends them (never more), then the route's on_redis_down policy applies."""
+    the gateway spends them (never more), then the route's on_redis_down policy applies.
+
+    The lease admitter's diagnostic (it may be an exception repr) is logged, not sent."""
+    # Each diagnostic is logged once a minute per process: forget those of earlier tests.
+    monkeypatch.setattr(problems, "_logged_at", {})
     gw = await gateway_factory(
         BASIC_ROUTES,
         redis_url=own_redis.url,
@@ -307,15 +326,20 @@ async def test_redis_down_lease_mode_admits_only_what_it_leased(
     (lease,) = [x for x in leases.leases if x.project_id == project]
     leased_requests = lease.free // 10
     own_redis.stop()
-    statuses = [
-        (await gw.client.get("/charged", headers=bearer(secret))).status
-        for _ in range(leased_requests + 1)
-    ]
+    statuses, details = [], []
+    with caplog.at_level(logging.WARNING):
+        for _ in range(leased_requests + 2):
+            resp = await gw.client.get("/charged", headers=bearer(secret))
+            statuses.append(resp.status)
+            if resp.status == 503:
+                details.append((await problem(resp, 503, "admission-unavailable"))["detail"])
+                assert int(resp.headers["Retry-After"]) == 2
     assert statuses.count(200) <= leased_requests
-    assert statuses[-1] == 503
-    resp = await gw.client.get("/charged", headers=bearer(secret))
-    await problem(resp, 503, "admission-unavailable")
-    assert int(resp.headers["Retry-After"]) == 2
+    assert statuses[-2:] == [503, 503]
+    # The client reads a sentence, never the exception; the exception is in the server log.
+    assert set(details) == {REDIS_UNAVAILABLE_DETAIL}
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway_plugin.problems"]
+    assert any(m.startswith("creditgate: admission unavailable (503): redis") for m in logged)
 
 
 async def test_reported_usage_and_overage(
@@ -497,6 +521,10 @@ async def test_low_balance_warning(
     resp = await gw.client.get("/charged", headers=bearer(secret))
     assert resp.status == 200
     assert sf_list(resp.headers["Creditgate-Warning"]) == {"low-balance": {}}
+    # A denial says it too: the client learns why it may soon be refused for credits.
+    denied = await gw.client.post("/reported", headers=bearer(secret))  # costs 100 > 40 left
+    await problem(denied, 402, "insufficient-credits")
+    assert sf_list(denied.headers["Creditgate-Warning"]) == {"low-balance": {}}
 
 
 async def test_sub_app_protects_only_its_routes(
