@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from importlib import resources
 from typing import Any, Protocol, TypeAlias
 
@@ -436,11 +436,18 @@ class KeyCache(Protocol):
 _STREAM_ERRORS = (AuthorityUnavailable, AuthorityRequestFailed, RedisError, TimeoutError)
 
 
+# The authority refused the gateway's credential: it will keep refusing until an operator sets
+# the token, so reconnecting every second only fills the log.
+_REFUSED_CODES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+
+
 class WatchSubscriber:
     """Applies the authority's Watch stream to Redis until cancelled; reconnects from its cursor.
 
     Invariant 6: a change reaches Redis within one event of its push; reconnect backoff is
-    capped at `backoff_max_s` (default 1 s) so an outage ends with a prompt catch-up.
+    capped at `backoff_max_s` (default 1 s) so an outage ends with a prompt catch-up. A refused
+    credential (UNAUTHENTICATED, PERMISSION_DENIED) is retried with a backoff capped at
+    `refused_backoff_max_s` instead, and each distinct refusal is logged once.
     """
 
     def __init__(
@@ -454,7 +461,9 @@ class WatchSubscriber:
         idle_timeout_s: float = 15.0,
         backoff_initial_s: float = 0.05,
         backoff_max_s: float = 1.0,
+        refused_backoff_max_s: float = 30.0,
         registry: CollectorRegistry | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.filler = filler
         self.store = filler.store
@@ -467,6 +476,10 @@ class WatchSubscriber:
         self.idle_timeout_s = idle_timeout_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
+        self.refused_backoff_max_s = refused_backoff_max_s
+        self._sleep = sleep  # tests count the waits instead of waiting
+        # The refusal last logged; cleared once the stream connects (a new refusal is news).
+        self._refusal_logged: str | None = None
         # 0 = "from now on" until the first event says where we are; a caller that knows a
         # cursor (e.g. of a snapshot it just filled) passes it so nothing after it is missed.
         self.cursor = start_cursor
@@ -510,33 +523,58 @@ class WatchSubscriber:
         first = True
         try:
             while not self._stopping:
+                cap = self.backoff_max_s
                 try:
                     async for event in self._stream():
                         backoff = self.backoff_initial_s
                         if not self.connected.is_set():
                             self._set_connected(True)
+                            self._connected_after_refusal()
                             if first and self.resync_on_start:
                                 self.filler.spawn(self._resync("start"), "resync on start")
                             first = False
                         await self.handle(event)
                         honour_cancellation()
                     log.info("Watch stream ended by the authority; reconnecting")
-                except (
-                    AuthorityUnavailable,
-                    AuthorityRequestFailed,
-                    RedisError,
-                    TimeoutError,
-                ) as err:
+                except AuthorityRequestFailed as err:
+                    if err.code in _REFUSED_CODES:
+                        cap = self.refused_backoff_max_s
+                        self._log_refusal(err)
+                    else:
+                        log.warning("Watch stream interrupted at cursor %d: %r", self.cursor, err)
+                except (AuthorityUnavailable, RedisError, TimeoutError) as err:
                     log.warning("Watch stream interrupted at cursor %d: %r", self.cursor, err)
                 self._set_connected(False)
                 if self._stopping:
                     return
                 honour_cancellation()
                 self._metrics.watch_reconnects.inc()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.backoff_max_s)
+                # After refusals the backoff may be above a transient error's cap: min() again.
+                delay = min(backoff, cap)
+                await self._sleep(delay)
+                backoff = min(delay * 2, cap)
         finally:
             self._set_connected(False)
+
+    def _log_refusal(self, err: AuthorityRequestFailed) -> None:
+        message = str(err)
+        if message == self._refusal_logged:
+            log.debug("Watch still refused: %s", message)
+            return
+        self._refusal_logged = message
+        log.error(
+            "Watch: the authority refused the gateway's token: set --token / "
+            "CREDITGATE_ADMIN_TOKEN (GatewayConfig.authority_token) to the authority's admin "
+            "token (%s). Until then cached wallets, quotas and key revocations are not updated; "
+            "retrying with a backoff of up to %g s, logged again only if the error changes",
+            message,
+            self.refused_backoff_max_s,
+        )
+
+    def _connected_after_refusal(self) -> None:
+        if self._refusal_logged is not None:
+            self._refusal_logged = None
+            log.info("Watch: the authority accepts the gateway's token now; stream connected")
 
     async def _stream(self) -> AsyncIterator[pb.WatchEvent]:
         stream = self.authority.watch(self.cursor)

@@ -93,20 +93,38 @@ class GatewayConfig:
         kwargs: dict[str, Any] = {}
         for key, raw in values.items():
             if key not in known or key == "registry":
-                raise ValueError(f"unknown gateway setting {key!r}")
-            kwargs[key] = _coerce(key, known[key].type, raw)
-        return cls(**kwargs)
+                raise ConfigError(f"unknown gateway setting {key!r}", key)
+            try:
+                kwargs[key] = _coerce(key, known[key].type, raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(str(exc), key) from None
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:  # __post_init__: its messages start with the field's name
+            first = str(exc).split(" ", 1)[0].rstrip(":")
+            raise ConfigError(str(exc), first if first in known else None) from None
 
     @classmethod
     def from_toml(cls, path: str | Path, table: str = "gateway") -> GatewayConfig:
-        """Read the `[gateway]` table of a TOML file; a relative policy path is file-relative."""
+        """Read the `[gateway]` table of a TOML file; a relative policy path is file-relative.
+        Errors name the file, and the line of the setting at fault."""
         p = Path(path)
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
         values = dict(data.get(table, {}))
         if "policy" in values:
             policy = Path(str(values["policy"]))
             values["policy"] = policy if policy.is_absolute() else p.parent / policy
-        return cls.from_mapping(values)
+        try:
+            return cls.from_mapping(values)
+        except ConfigError as exc:
+            line = _line_of(text, table, exc.key) if exc.key else None
+            where = f"{p}:{line}" if line else str(p)
+            key = f"{table}.{exc.key}: " if exc.key else ""
+            raise ConfigError(f"{where}: {key}{exc}", exc.key) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -125,7 +143,31 @@ class GatewayConfig:
                 values[f.name] = raw
         if "authority_token" not in values and ENV_PREFIX + "ADMIN_TOKEN" in env:
             values["authority_token"] = env[ENV_PREFIX + "ADMIN_TOKEN"]
-        return cls.from_mapping(values)
+        try:
+            return cls.from_mapping(values)
+        except ConfigError as exc:
+            name = f"{ENV_PREFIX}{exc.key.upper()}: " if exc.key else ""
+            raise ConfigError(f"{name}{exc}", exc.key) from None
+
+
+class ConfigError(ValueError):
+    """A gateway setting that cannot be used; `key` names it when one setting is at fault."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _line_of(text: str, table: str, key: str) -> int | None:
+    """The line (1-based) of `key = ...` inside `[table]` of a TOML text, if written there."""
+    current = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            current = stripped.strip("[]").strip()
+        elif current == table and stripped.split("=", 1)[0].strip().strip('"') == key:
+            return number
+    return None
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})

@@ -202,7 +202,9 @@ async def _start(state: GatewayState, stack: contextlib.AsyncExitStack) -> None:
     if not config.authority_token:
         log.warning(
             "creditgate: authority_token is empty: the authority will refuse key lookups, "
-            "snapshots and settlements (GatewayConfig.from_env() reads CREDITGATE_ADMIN_TOKEN)"
+            "snapshots, settlements and the Watch stream: set --token / CREDITGATE_ADMIN_TOKEN "
+            "(creditgate gateway serve), or GatewayConfig.authority_token (from_env() reads "
+            "CREDITGATE_AUTHORITY_TOKEN, else CREDITGATE_ADMIN_TOKEN)"
         )
     authority = AuthorityClient(
         AuthorityClientConfig(target=config.authority_target, token=config.authority_token)

@@ -1,12 +1,15 @@
-"""RFC 9457 problem details for every denial: one stable `type` per admission Reason.
+"""RFC 9457 problem details: every problem body the gateway sends is made by problem_http.
 
-`type` is the configured base + the Reason value (urn:creditgate:problem:rate-limited); status,
-title and whether Retry-After applies are fixed per reason in PROBLEMS.
+Denials have one stable `type` per admission Reason: the configured base + the Reason value
+(urn:creditgate:problem:rate-limited); status, title and whether Retry-After applies are fixed
+per reason in PROBLEMS. The standalone gateway's own answers (400/502/504) use gateway_problem.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +21,10 @@ from admission.decision import Decision, Reason
 from gateway_plugin import headers as hdr
 from gateway_plugin.config import DEFAULT_PROBLEM_TYPE_BASE
 
+log = logging.getLogger(__name__)
+
+# No charset parameter: JSON is UTF-8 by definition (RFC 8259 8.1) and the media type defines
+# none (RFC 9457 6.1).
 CONTENT_TYPE = "application/problem+json"
 WWW_AUTHENTICATE = istr("WWW-Authenticate")
 BEARER_CHALLENGE = 'Bearer realm="creditgate"'
@@ -100,18 +107,59 @@ def _iso_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
 
 
+REDIS_UNAVAILABLE_DETAIL = "The admission store (Redis) is unavailable; try again later."
+AUTHORITY_UNAVAILABLE_DETAIL = (
+    "The credit authority is unreachable and this project is not cached yet; try again later."
+)
+# SECURITY: the detail of an UNAVAILABLE decision is the engine's diagnostic for operators
+# (admission/engine.py _admit and _redis_down, admission/lease.py _failed and _fill_once): it may
+# be an exception repr naming hosts and ports. Clients get the sentence of its cause, known by
+# the prefix the engine writes (else the reason's generic detail); the diagnostic is logged.
+_UNAVAILABLE_CAUSES = (
+    ("redis unavailable", REDIS_UNAVAILABLE_DETAIL),
+    ("project not cached and the authority is unreachable", AUTHORITY_UNAVAILABLE_DETAIL),
+    ("the gateway is not started yet", "The gateway is starting; try again shortly."),
+)
+# Every request of an outage carries one of a few diagnostics: each is logged once a minute.
+_LOG_EVERY_S = 60.0
+_logged_at: dict[str, float] = {}
+
+
+def public_detail(decision: Decision) -> str:
+    """The `detail` member of a denial: the decision's, but never an internal diagnostic."""
+    spec = PROBLEMS[decision.reason]
+    detail = decision.detail
+    if decision.reason is not Reason.UNAVAILABLE or not detail:
+        return detail or spec.detail
+    _log_diagnostic(detail)
+    for prefix, public in _UNAVAILABLE_CAUSES:
+        if detail.startswith(prefix):
+            return public
+    return spec.detail
+
+
+def _log_diagnostic(detail: str) -> None:
+    now = time.monotonic()
+    if now - _logged_at.get(detail, -_LOG_EVERY_S) < _LOG_EVERY_S:
+        return
+    if len(_logged_at) >= 256:  # bounded whatever the diagnostics contain
+        _logged_at.clear()
+    _logged_at[detail] = now
+    log.warning("creditgate: answered 503 admission-unavailable: %s", detail)
+
+
 def problem_document(
     decision: Decision, instance: str, type_base: str = DEFAULT_PROBLEM_TYPE_BASE
 ) -> dict[str, Any]:
     """The JSON object of a denial (RFC 9457 members + creditgate extension members)."""
     spec = PROBLEMS[decision.reason]
-    doc: dict[str, Any] = {
-        "type": problem_type(decision.reason, type_base),
-        "title": spec.title,
-        "status": spec.status,
-        "detail": decision.detail or spec.detail,
-        "instance": instance,
-    }
+    doc = problem_members(
+        problem_type(decision.reason, type_base),
+        spec.title,
+        spec.status,
+        public_detail(decision),
+        instance,
+    )
     if decision.reason is Reason.WALLET_GRACE and decision.grace_until_ms > 0:
         doc["grace_until"] = _iso_ms(decision.grace_until_ms)
         doc["grace_until_ms"] = decision.grace_until_ms
@@ -131,11 +179,37 @@ def problem_response(
     spec = PROBLEMS.get(decision.reason)
     if spec is None:
         raise ValueError(f"{decision.reason!r} is not a denial reason")
-    body = json.dumps(problem_document(decision, instance, type_base)).encode()
     headers: CIMultiDict[str] = CIMultiDict()
-    headers[_CONTENT_TYPE] = CONTENT_TYPE
     retry_after = hdr.retry_after_seconds(decision, default_retry_after) if spec.retryable else None
     hdr.apply_denied(headers, decision, retry_after)
     if spec.status == 401:
         headers[WWW_AUTHENTICATE] = BEARER_CHALLENGE
-    return web.Response(status=spec.status, body=body, headers=headers)
+    return problem_http(problem_document(decision, instance, type_base), headers)
+
+
+def gateway_problem(
+    status: int,
+    slug: str,
+    title: str,
+    detail: str,
+    instance: str,
+    *,
+    type_base: str = DEFAULT_PROBLEM_TYPE_BASE,
+) -> web.Response:
+    """A problem the gateway answers itself, not an admission decision (the standalone
+    gateway's 400 for an ambiguous path, 502 and 504 for its upstream)."""
+    return problem_http(problem_members(type_base + slug, title, status, detail, instance))
+
+
+def problem_members(
+    type_: str, title: str, status: int, detail: str, instance: str
+) -> dict[str, Any]:
+    """The RFC 9457 members every problem body of creditgate has."""
+    return {"type": type_, "title": title, "status": status, "detail": detail, "instance": instance}
+
+
+def problem_http(doc: dict[str, Any], headers: CIMultiDict[str] | None = None) -> web.Response:
+    """The one way a problem body goes on the wire: status from the body, CONTENT_TYPE."""
+    out: CIMultiDict[str] = CIMultiDict() if headers is None else headers
+    out[_CONTENT_TYPE] = CONTENT_TYPE
+    return web.Response(status=doc["status"], body=json.dumps(doc).encode(), headers=out)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from yarl import URL
 from admission.policy import Policy, load_policy, resolve_segments
 from gateway_plugin.config import DEFAULT_PROBLEM_TYPE_BASE, GatewayConfig
 from gateway_plugin.handle import USAGE_KEY
+from gateway_plugin.problems import gateway_problem
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class ProxyConfig:
 
 
 PROXY_CONFIG = web.AppKey("creditgate_proxy_config", ProxyConfig)
+# The path as the client sent it, before canonical_url: the `instance` of the proxy's problems.
+SENT_PATH = web.RequestKey("creditgate_sent_path", str)
 
 
 def _connection_tokens(headers: Mapping[str, str] | CIMultiDict[str]) -> set[str]:
@@ -174,15 +176,17 @@ def canonical_url(url: URL, encoded_slashes: Literal["reject", "keep"] = "reject
     raw = url.raw_path
     if "%" not in raw and "//" not in raw and "/." not in raw and "\\" not in raw:
         return url
+    # The path goes into the message as sent, not repr()'d: the problem body's JSON escapes it
+    # once, and a repr would escape a backslash a second time ("a\\b" once decoded).
     if encoded_slashes == "reject" and _ENCODED_SEPARATOR.search(raw):
         raise AmbiguousPath(
-            f"the path {raw!r} has an encoded '/' or a backslash, which servers read differently"
+            f"the path {raw} has an encoded '/' or a backslash, which servers read differently"
         )
     segments = raw.split("/")[1:]
     for seg in segments:
         # Servlet containers drop ";params" before resolving: "..;x" is ".." to them.
         if ";" in seg and unquote(seg).partition(";")[0] in (".", ".."):
-            raise AmbiguousPath(f"the path {raw!r} has a dot segment with ';' parameters")
+            raise AmbiguousPath(f"the path {raw} has a dot segment with ';' parameters")
     out = resolve_segments(segments, unquote)
     path = "/" + "/".join(out)
     if path == raw:
@@ -197,11 +201,17 @@ def canonical_paths_middleware(cfg: ProxyConfig) -> Middleware:
     @web.middleware
     async def canonical_paths(request: web.Request, handler: Handler) -> web.StreamResponse:
         url = request.rel_url
+        request[SENT_PATH] = url.raw_path
         try:
             target = canonical_url(url, cfg.encoded_slashes)
         except AmbiguousPath as exc:
-            return problem(
-                cfg.problem_type_base, 400, "invalid-request", "Invalid request", str(exc)
+            return gateway_problem(
+                400,
+                "invalid-request",
+                "Invalid request",
+                str(exc),
+                url.raw_path,
+                type_base=cfg.problem_type_base,
             )
         if target is url:
             return await handler(request)
@@ -220,13 +230,6 @@ def canonical_paths_middleware(cfg: ProxyConfig) -> Middleware:
 def upstream_url(base: str, raw_path: str) -> URL:
     """Join the upstream base (which may carry a path prefix) and an origin-form target."""
     return URL(base.rstrip("/") + raw_path, encoded=True)
-
-
-def problem(base: str, status: int, slug: str, title: str, detail: str) -> web.Response:
-    body = {"type": base + slug, "title": title, "status": status, "detail": detail}
-    return web.Response(
-        status=status, text=json.dumps(body), content_type="application/problem+json"
-    )
 
 
 def project_of(request: web.Request) -> str | None:
@@ -256,26 +259,29 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     # The path and query of the URL the plugin metered: never the raw request target, which
     # may be absolute-form ("GET http://host/path") and is not canonical.
     url = upstream_url(cfg.upstream, request.rel_url.raw_path_qs)
+    instance = request.get(SENT_PATH, request.rel_url.raw_path)
     try:
         upstream = await session.request(
             request.method, url, headers=headers, data=data, allow_redirects=False
         )
     except TimeoutError:
-        return problem(
-            cfg.problem_type_base,
+        return gateway_problem(
             504,
             "upstream-timeout",
             "Upstream timeout",
             f"the upstream did not answer within {cfg.read_timeout:g}s",
+            instance,
+            type_base=cfg.problem_type_base,
         )
     except aiohttp.ClientError as exc:
         log.warning("upstream %s unreachable: %s", cfg.upstream, exc)
-        return problem(
-            cfg.problem_type_base,
+        return gateway_problem(
             502,
             "upstream-unreachable",
             "Bad gateway",
             "the upstream is unreachable",
+            instance,
+            type_base=cfg.problem_type_base,
         )
     async with upstream:
         response = web.StreamResponse(

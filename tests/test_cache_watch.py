@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -336,6 +337,105 @@ async def test_watch_reconnects_after_authority_restart(
             await restarted.stop()
         with contextlib.suppress(Exception):
             await srv.stop()
+
+
+class CountedSleep:
+    """A WatchSubscriber's `sleep`: records each backoff instead of waiting it out; the
+    `stop_after`-th call parks the subscriber until it is closed."""
+
+    def __init__(
+        self, stop_after: int, at: dict[int, Callable[[], Awaitable[None]]] | None = None
+    ) -> None:
+        self.delays: list[float] = []
+        self.stop_after = stop_after
+        self.at = at or {}  # n -> what happens during the n-th wait (1-based)
+        self.done = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        action = self.at.get(len(self.delays))
+        if action is not None:
+            await action()
+        if len(self.delays) >= self.stop_after:
+            self.done.set()
+            await asyncio.Event().wait()  # until aclose() cancels the subscriber
+
+
+async def watch_backoffs(
+    client: AuthorityClient,
+    rclient: aioredis.Redis,
+    registry: CollectorRegistry,
+    attempts: int,
+    at: dict[int, Callable[[], Awaitable[None]]] | None = None,
+) -> list[float]:
+    """The waits of a WatchSubscriber between its first `attempts` failed connections."""
+    filler = CacheFiller(rclient, client, unsettled_limit=UNSL, shards=SHARDS, registry=registry)
+    sleep = CountedSleep(attempts, at)
+    sub = WatchSubscriber(filler, resync_on_start=False, registry=registry, sleep=sleep)
+    await sub.start()
+    try:
+        async with asyncio.timeout(10):
+            await sleep.done.wait()
+        assert not sub.connected.is_set()
+    finally:
+        await sub.aclose()
+        await filler.aclose()
+    return sleep.delays
+
+
+async def test_watch_refused_token_backs_off_up_to_30s_and_says_so_once(
+    authority: AuthorityServer,
+    rclient: aioredis.Redis,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A gateway started without the admin token: the authority answers UNAUTHENTICATED, which
+    no reconnect cures. It used to reconnect about once a second forever, logging each time."""
+    cfg = AuthorityClientConfig(target=authority.grpc_target, token="")
+    with caplog.at_level(logging.DEBUG, logger="admission.cache"):
+        async with AuthorityClient(cfg) as client:
+            delays = await watch_backoffs(client, rclient, registry, 13)
+    assert delays == pytest.approx([0.05 * 2**i for i in range(10)] + [30.0] * 3)
+    assert registry.get_sample_value("creditgate_watch_reconnects_total") == 13
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1, loud  # 13 refusals, one line
+    assert "the authority refused the gateway's token" in loud[0]
+    assert "--token / CREDITGATE_ADMIN_TOKEN" in loud[0]
+    assert "UNAUTHENTICATED" in loud[0]
+
+
+async def test_watch_unreachable_authority_keeps_the_1s_backoff_cap(
+    rclient: aioredis.Redis, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """UNAVAILABLE cures itself: reconnects stay at most 1 s apart (invariant 6 after an
+    outage), and each interruption is logged as before."""
+    cfg = AuthorityClientConfig(target=f"127.0.0.1:{free_port()}", token="x")
+    with caplog.at_level(logging.WARNING, logger="admission.cache"):
+        async with AuthorityClient(cfg) as client:
+            delays = await watch_backoffs(client, rclient, registry, 8)
+    assert delays == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
+    interrupted = [r for r in caplog.records if "Watch stream interrupted" in r.getMessage()]
+    assert len(interrupted) == 8
+    assert all("UNAVAILABLE" in r.getMessage() for r in interrupted)
+
+
+async def test_watch_back_to_the_1s_cap_when_a_refusal_turns_into_an_outage(
+    tmp_path: Path, rclient: aioredis.Redis, registry: CollectorRegistry
+) -> None:
+    """The refusal's long backoff does not carry over to an error that cures itself."""
+    cfg = authority_config(f"sqlite:///{tmp_path / 'refusing.db'}")
+    cfg = dataclasses.replace(cfg, grpc_listen=f"127.0.0.1:{free_port()}", http_listen="")
+    srv = AuthorityServer(cfg)
+    await srv.start()
+    try:
+        client_cfg = AuthorityClientConfig(target=srv.grpc_target, token="")
+        async with AuthorityClient(client_cfg) as client:
+            # Refused 6 times (the 6th wait is 1.6 s), then the authority goes away.
+            delays = await watch_backoffs(client, rclient, registry, 9, at={6: srv.stop})
+    finally:
+        with contextlib.suppress(Exception):
+            await srv.stop()
+    assert delays == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 1.0, 1.0, 1.0])
 
 
 async def _false(value: bool) -> bool:

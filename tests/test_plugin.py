@@ -8,6 +8,7 @@ authority's ledger holds exactly what the gateway committed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from pathlib import Path
@@ -20,7 +21,7 @@ from aiohttp import ClientResponse, web
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from admission.errors import REDIS_UNAVAILABLE_DETAIL
+from admission.decision import Decision, Reason
 from admission.policy import parse_policy
 from admission.store import Store
 from creditservice.clock import ManualClock
@@ -29,6 +30,7 @@ from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from gateway_plugin import GATEWAY_KEY, GatewayConfig, UsageError, problems, setup, usage
 from gateway_plugin.dashboard import DashboardConfig, setup_dashboard
 from gateway_plugin.metrics import ProjectDecisions
+from gateway_plugin.problems import REDIS_UNAVAILABLE_DETAIL
 from tests.fixtures_gateway import (
     GATEWAY_POLICY,
     GATEWAY_POLICY_HOLD,
@@ -261,15 +263,23 @@ async def test_unmatched_route_denied_400_metrics_served(gateway_factory: Gatewa
     assert "creditgate_decisions_total" in await metrics.text()
 
 
+def diagnostics_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the 503s' diagnostics said in the server log (gateway_plugin.problems)."""
+    return [r.getMessage() for r in caplog.records if r.name == "gateway_plugin.problems"]
+
+
 async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
     gateway_factory: GatewayFactory,
     project_factory: ProjectFactory,
     own_redis: RedisProcess,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Hold mode: every request needs Redis, so the outage shows on the next request.
 
     The client reads a sentence; what failed (the redis-py exception) is in the server log."""
+    # Each diagnostic is logged once a minute per process: forget those of earlier tests.
+    monkeypatch.setattr(problems, "_logged_at", {})
     gw = await gateway_factory(
         BASIC_ROUTES,
         policy_text=GATEWAY_POLICY_HOLD,
@@ -286,8 +296,8 @@ async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
     body = await problem(resp, 503, "admission-unavailable")
     assert body["detail"] == REDIS_UNAVAILABLE_DETAIL
     assert int(resp.headers["Retry-After"]) == 2
-    logged = [r.getMessage() for r in caplog.records if r.name == "admission.engine"]
-    assert any("unreachable" in m and "ConnectionError" in m for m in logged), logged
+    logged = diagnostics_logged(caplog)
+    assert any("redis unavailable" in m and "ConnectionError" in m for m in logged), logged
     resp = await gw.client.get("/free", headers=bearer(secret))
     assert resp.status == 200
     assert gw.metric("creditgate_degraded_admits_total", {"route": "free"}) == 1
@@ -297,6 +307,39 @@ async def test_redis_down_503_on_credit_route_degraded_allow_on_rate_only(
         )
         == 1
     )
+
+
+def test_a_503_diagnostic_is_logged_once_a_minute_and_never_sent(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engines keep what failed in an UNAVAILABLE decision's detail, for operators; the
+    client gets the sentence of its cause. The first case is what a reviewer received."""
+    monkeypatch.setattr(problems, "_logged_at", {})
+    cases = [
+        ("redis unavailable: StoreUnavailable('redis: network:ConnectionError')", "(Redis)"),
+        (
+            "project not cached and the authority is unreachable: GetAdmissionSnapshot: "
+            "UNAVAILABLE failed to connect to all addresses; last error: ipv4:10.0.0.5:50051",
+            "credit authority is unreachable",
+        ),
+        ("the project snapshot is still missing after a cache fill", "cannot decide right now"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="gateway_plugin.problems"):
+        for diagnostic, public in cases:
+            for _ in range(3):
+                decision = Decision(False, Reason.UNAVAILABLE, "p-1", detail=diagnostic)
+                resp = problems.problem_response(decision, "/v1/x")
+                assert resp.body is not None
+                body = json.loads(bytes(resp.body))  # type: ignore[arg-type]
+                assert public in body["detail"]
+                assert diagnostic not in body["detail"] and ":" not in body["detail"]
+    assert diagnostics_logged(caplog) == [
+        f"creditgate: answered 503 admission-unavailable: {d}" for d, _ in cases
+    ]
+    # Other reasons' details are written for clients: sent as they are.
+    bad = Decision(False, Reason.INVALID_REQUEST, detail="cost 0 is out of range")
+    body = json.loads(bytes(problems.problem_response(bad, "/").body))  # type: ignore[arg-type]
+    assert body["detail"] == "cost 0 is out of range"
 
 
 async def test_redis_down_lease_mode_admits_only_what_it_leased(
@@ -338,8 +381,8 @@ async def test_redis_down_lease_mode_admits_only_what_it_leased(
     assert statuses[-2:] == [503, 503]
     # The client reads a sentence, never the exception; the exception is in the server log.
     assert set(details) == {REDIS_UNAVAILABLE_DETAIL}
-    logged = [r.getMessage() for r in caplog.records if r.name == "gateway_plugin.problems"]
-    assert any(m.startswith("creditgate: admission unavailable (503): redis") for m in logged)
+    logged = diagnostics_logged(caplog)
+    assert any("admission-unavailable: redis unavailable: " in m for m in logged), logged
 
 
 async def test_reported_usage_and_overage(
@@ -843,8 +886,22 @@ def test_config_from_env_and_toml(tmp_path: Path) -> None:
     assert cfg.sweep_interval_seconds == 0.5
     with pytest.raises(ValueError, match="unknown gateway setting"):
         GatewayConfig.from_mapping({"redis": "x"})
-    with pytest.raises(ValueError, match="boolean"):
+    with pytest.raises(ValueError, match=r"^CREDITGATE_RUN_FLUSHER: run_flusher: .*boolean"):
         GatewayConfig.from_env({"CREDITGATE_RUN_FLUSHER": "perhaps"})
+    # A file's errors name the file and the line of the setting (as policy errors do).
+    for body, message in (
+        (
+            '[other]\nx = 1\n\n[gateway]\npolicy = "p.toml"\nrun_wach = true\n',
+            ":6: gateway.run_wach: unknown",
+        ),
+        ("[gateway]\nsweep_interval_seconds = 0\n", ":2: gateway.sweep_interval_seconds: "),
+        ('[gateway]\nmetrics_top_projects = "many"\n', ":2: gateway.metrics_top_projects: "),
+        ("[gateway]\nrun_flusher = \n", ": Invalid value (at line 2"),
+    ):
+        toml.write_text(body)
+        with pytest.raises(ValueError) as bad:
+            GatewayConfig.from_toml(toml)
+        assert str(bad.value).startswith(f"{toml}{message}"), str(bad.value)
     with pytest.raises(ValueError, match="policy is required"):
         setup(web.Application(), GatewayConfig())
     # The id travels in every settlement event, and the authority takes at most 128
@@ -855,6 +912,41 @@ def test_config_from_env_and_toml(tmp_path: Path) -> None:
             GatewayConfig(gateway_id=bad)
         with pytest.raises(ValueError, match=why):
             Store(aioredis.Redis(), gateway_id=bad)  # every other way to an engine
+
+
+async def test_an_empty_authority_token_says_how_to_set_it_and_watch_backs_off(
+    authority: AuthorityServer,
+    gateway_redis: RedisProcess,
+    aiohttp_client: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`creditgate gateway serve` without --token: the warning names --token, and the Watch
+    subscriber, refused by the authority, says so once instead of every second."""
+    registry = CollectorRegistry()
+    config = GatewayConfig(
+        policy=parse_policy(GATEWAY_POLICY, "test-policy.toml"),
+        redis_url=gateway_redis.url,
+        authority_target=authority.grpc_target,
+        authority_token="",
+        registry=registry,
+    )
+    app = web.Application()
+    app.router.add_get("/charged", ok)
+    setup(app, config)
+    with caplog.at_level(logging.INFO):
+        await aiohttp_client(app)
+        # Polls a condition with a deadline: refusals 1-5 are 0.05 + 0.1 + 0.2 + 0.4 s apart.
+        async with asyncio.timeout(10):
+            while True:
+                if (registry.get_sample_value("creditgate_watch_reconnects_total") or 0) >= 5:
+                    break
+                await asyncio.sleep(0.01)
+    messages = [r.getMessage() for r in caplog.records]
+    (empty,) = [m for m in messages if "authority_token is empty" in m]
+    assert "--token / CREDITGATE_ADMIN_TOKEN" in empty
+    watch = [r.getMessage() for r in caplog.records if r.name == "admission.cache"]
+    assert len(watch) == 1, watch
+    assert "the authority refused the gateway's token: set --token" in watch[0]
 
 
 async def test_metrics_endpoint_bypasses_a_catch_all_route(gateway_factory: GatewayFactory) -> None:

@@ -344,6 +344,25 @@ def base_url(server: TestServer) -> str:
     return str(server.make_url("")).rstrip("/")
 
 
+PROBLEM = "application/problem+json"
+
+
+async def gateway_problem(
+    resp: aiohttp.ClientResponse, status: int, slug: str, instance: str
+) -> dict[str, Any]:
+    """A problem the proxy answered itself: the members and media type of the plugin's denials
+    (tests/test_plugin.py `problem`), `instance` the path as the client sent it."""
+    assert resp.status == status, await resp.text()
+    assert resp.headers["Content-Type"] == PROBLEM  # exactly: no charset parameter
+    body: dict[str, Any] = await resp.json(content_type=PROBLEM)
+    assert set(body) == {"type", "title", "status", "detail", "instance"}
+    assert body["type"] == f"urn:creditgate:problem:{slug}"
+    assert body["status"] == status
+    assert body["instance"] == instance
+    assert body["title"] and body["detail"]
+    return body
+
+
 async def test_streaming_both_ways_and_ledger(
     upstream: tuple[Upstream, TestServer],
     make_gateway: GatewayMaker,
@@ -443,14 +462,20 @@ async def test_an_encoded_slash_is_refused_or_kept_as_configured(
     up, server = upstream
     _, secret = await project_factory(1000)
     strict = await make_gateway(base_url(server), policy=PASS_POLICY)
-    for target in ("/v1/a%2Fb", "/open%2F..%2Fv1%2Fx", "/v1/a%5Cb"):
+    for target in ("/v1/a%2Fb", "/open%2F..%2Fv1%2Fx", "/v1/a%5Cb", "/v1/chat/a\\b"):
         resp = await strict.get(URL(target, encoded=True), headers=bearer(secret))
-        assert resp.status == 400
-        assert resp.content_type == "application/problem+json"
-        body = await resp.json(content_type="application/problem+json")
-        assert body["type"] == "urn:creditgate:problem:invalid-request"
+        body = await gateway_problem(resp, 400, "invalid-request", target)
         assert "encoded '/'" in body["detail"]
+        # The path reads as sent once the JSON is decoded: one backslash, not a repr's two.
+        assert f"the path {target} has" in body["detail"]
+    resp = await strict.get(URL("/open/..;x/v1/x", encoded=True), headers=bearer(secret))
+    body = await gateway_problem(resp, 400, "invalid-request", "/open/..;x/v1/x")
+    assert body["detail"] == "the path /open/..;x/v1/x has a dot segment with ';' parameters"
     assert up.targets == []
+    # The plugin's own denial on the same gateway: the same members, the same media type.
+    resp = await strict.get("/v1/x")
+    denial = await gateway_problem(resp, 401, "missing-credential", "/v1/x")
+    assert set(denial) == set(body)
 
     project, secret = await project_factory(1000)
     keeping = await make_gateway(base_url(server), policy=PASS_POLICY, encoded_slashes="keep")
@@ -548,18 +573,15 @@ async def test_upstream_down_is_502_and_released(
     client = await make_gateway(f"http://127.0.0.1:{free_port()}", connect_timeout=2)
     project, secret = await project_factory(1000)
     async with client.get("/v1/echo", headers=bearer(secret)) as r:
-        assert r.status == 502
-        assert r.content_type == "application/problem+json"
-        problem = await r.json()
-    assert problem["type"].endswith("upstream-unreachable")
-    assert problem["status"] == 502
+        problem = await gateway_problem(r, 502, "upstream-unreachable", "/v1/echo")
+    assert problem["detail"] == "the upstream is unreachable"
     assert "RateLimit" in r.headers and "RateLimit-Policy" in r.headers
     async with client.get("/v1/open-but-unreachable", headers=bearer(secret)) as r:
         assert r.status == 502
     # A path made canonical: the plugin admitted a clone of the request, and aiohttp prepares
     # the unprepared 502 with the original one, which must carry the admission too.
     async with client.get(URL("/v1//echo", encoded=True), headers=bearer(secret)) as r:
-        assert r.status == 502
+        await gateway_problem(r, 502, "upstream-unreachable", "/v1//echo")  # as sent
         assert "RateLimit" in r.headers and "RateLimit-Policy" in r.headers
     await settle(client)
     wallet = await credits_in_flight(client.app[GATEWAY_KEY], project)
@@ -577,11 +599,10 @@ async def test_upstream_timeout_is_504_and_released(
     up, server = upstream
     client = await make_gateway(base_url(server), read_timeout=0.3)
     project, secret = await project_factory(1000)
-    async with client.get("/v1/hang", headers=bearer(secret)) as r:
-        assert r.status == 504
-        problem = await r.json()
+    async with client.get("/v1/hang?q=1", headers=bearer(secret)) as r:
+        problem = await gateway_problem(r, 504, "upstream-timeout", "/v1/hang")
     assert up.hanging.is_set()
-    assert problem["type"].endswith("upstream-timeout")
+    assert problem["detail"] == "the upstream did not answer within 0.3s"
     async with client.get("/v1/echo", headers=bearer(secret)) as r:
         assert r.status == 200
     await settle(client)
