@@ -225,7 +225,9 @@ async def test_replay_keeps_the_first_quantity(srv: AuthorityServer) -> None:
                 pb.SettleRequest(events=[commit("r37", pid, 37, quantity=quantity)]), metadata=md
             )
             assert (again.results[0].status, again.results[0].ledger_seq) == (pb.DUPLICATE, seq)
-            assert list(again.wallets) == []
+            # The wallet as it stands (for the gateway's ack), not a new version of it.
+            assert [w.balance for w in again.wallets] == [1_000 - 37]
+            assert again.wallets[0].version == first.wallets[0].version
         assert await authority_state(srv) == state
         entries = await usage_entries(stub, md, pid)
         assert [(e.seq, e.quantity, e.amount) for e in entries.values()] == [(seq, 37, -37)]
