@@ -11,10 +11,12 @@ import logging
 import os
 import signal
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from prometheus_client import start_http_server
+from redis.connection import parse_url
 
 from admission import keys
 from admission.authority import AuthorityClient, AuthorityClientConfig
@@ -76,7 +78,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if not args.token:
-        print("error: flusher: --token or CREDITGATE_ADMIN_TOKEN is required")
+        print("error: flusher: --token or CREDITGATE_ADMIN_TOKEN is required", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        parse_url(args.redis)  # type: ignore[no-untyped-call]
+    except ValueError as err:
+        print(f"error: flusher: --redis: {err}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     policy = None
@@ -87,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             policy = load_policy(args.policy)
         except (PolicyError, OSError) as err:
-            print(f"error: flusher: {err}")
+            print(f"error: flusher: {err}", file=sys.stderr)
             return EXIT_USAGE
     shards = args.shards or (policy.settings.shards if policy else keys.DEFAULT_SHARDS)
     if args.metrics_port:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from aiohttp import web
@@ -245,6 +247,22 @@ async def _every(interval_s: float, job: Callable[[], Awaitable[int]]) -> None:
         await asyncio.sleep(interval_s)
 
 
+def redacted_database(url: str) -> str:
+    """`url` fit to print: a password (in the user part or a `password` query parameter of a
+    PostgreSQL DSN) is replaced by ***."""
+    parts = urlsplit(url)
+    user, at, hosts = parts.netloc.rpartition("@")
+    netloc = f"{user.partition(':')[0]}:***@{hosts}" if at and ":" in user else parts.netloc
+    query = "&".join(
+        f"{key}=***" if "password" in key.lower() and sep else f"{key}{sep}{value}"
+        for key, sep, value in (pair.partition("=") for pair in parts.query.split("&"))
+    )
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    # Not urlunsplit: it drops an empty host ("postgresql:///db?host=/run/postgresql").
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
 async def serve_forever(config: AuthorityConfig) -> None:
     """Runs the authority until SIGINT or SIGTERM, then shuts down gracefully."""
     stop = asyncio.Event()
@@ -252,7 +270,13 @@ async def serve_forever(config: AuthorityConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with AuthorityServer(config):
+        async with AuthorityServer(config) as server:
+            rest = f"REST on {server.http_url}" if server.http_url else "no REST"
+            print(
+                f"creditgate authority pid {os.getpid()}: gRPC on {server.grpc_target}, {rest}, "
+                f"database {redacted_database(config.database)}",
+                flush=True,
+            )
             await stop.wait()
             log.info("authority shutting down")
     finally:

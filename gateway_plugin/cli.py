@@ -16,7 +16,9 @@ from gateway_plugin import commands as gateway_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Every subcommand's parser is of this class too (argparse makes them of their parent's):
+    # a usage error is one line on stderr, exit 2, whichever command it is.
+    parser = authority_cli.OneLineParser(
         prog="creditgate",
         description="Admission plugin for aiohttp gateways, its flusher and its credit authority.",
     )

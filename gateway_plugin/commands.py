@@ -19,13 +19,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import Any, Literal
 
 from aiohttp import web
+from yarl import URL
 
 from admission import native
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+EXIT_USAGE = 2
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
@@ -220,7 +222,45 @@ def run_workers(opts: ServeOptions) -> int:
     return code
 
 
+def check_upstream(url: str) -> None:
+    """Refuses, with a ValueError, an upstream URL the proxy cannot forward to: every request
+    would answer 502 (no scheme or host) or reach a wrong URL (the request path is appended)."""
+    try:
+        parsed = URL(url)
+    except ValueError as exc:
+        raise ValueError(f"--upstream: {url!r} is not a URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(
+            f"--upstream: {url!r} needs http:// or https:// and a host, e.g. http://127.0.0.1:9000"
+        )
+    if parsed.raw_query_string or parsed.raw_fragment:
+        raise ValueError(
+            f"--upstream: {url!r} has a query or fragment; the request's path and query are "
+            "appended to it, so give a base URL"
+        )
+
+
+def check_options(opts: ServeOptions) -> None:
+    """What `serve` would fail on in every worker, found once before any is started: a
+    ValueError (upstream, Redis URL, an unreadable policy file) or a PolicyError."""
+    from redis.connection import parse_url
+
+    from admission.policy import load_policy
+
+    check_upstream(opts.upstream)
+    try:
+        parse_url(opts.redis_url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ValueError(f"--redis: {exc}") from exc
+    try:
+        load_policy(opts.policy)
+    except OSError as exc:
+        raise ValueError(f"--policy: {opts.policy}: {exc.strerror or exc}") from exc
+
+
 def _serve_cmd(args: argparse.Namespace) -> int:
+    from admission.errors import PolicyError
+
     host, port = args.listen
     token = args.token if args.token is not None else os.environ.get("CREDITGATE_ADMIN_TOKEN", "")
     opts = ServeOptions(
@@ -239,6 +279,11 @@ def _serve_cmd(args: argparse.Namespace) -> int:
         encoded_slashes=args.encoded_slashes,
         dashboard=not args.no_dashboard,
     )
+    try:
+        check_options(opts)
+    except (ValueError, PolicyError) as exc:
+        print(f"error: gateway serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if opts.workers > 1:
         return run_workers(opts)
     try:
@@ -263,7 +308,7 @@ def _demo_cmd(args: argparse.Namespace) -> int:
     )
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: argparse._SubParsersAction[Any]) -> None:
     gw = sub.add_parser("gateway", help="the standalone reverse-proxy gateway")
     gw_sub = gw.add_subparsers(dest="gateway_command", required=True, metavar="COMMAND")
     s = gw_sub.add_parser(

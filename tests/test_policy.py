@@ -245,13 +245,13 @@ def _err(text: str) -> str:
         ),
         (
             # Nothing is held: a report would be charged without a hold (and past GRACE).
-            "cost = 10\ncommit = \"held\"",
-            "cost = 0\ncommit = \"overage\"",
+            'cost = 10\ncommit = "held"',
+            'cost = 0\ncommit = "overage"',
             "policy.toml:23: routes[0].commit: 'overage' needs a cost > 0",
         ),
         (
-            "cost = 10\ncommit = \"held\"",
-            "cost = 0\ncommit = \"reported\"",
+            'cost = 10\ncommit = "held"',
+            'cost = 0\ncommit = "reported"',
             "policy.toml:23: routes[0].commit: 'reported' needs a cost > 0",
         ),
         (
