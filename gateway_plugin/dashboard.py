@@ -21,12 +21,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from multidict import CIMultiDict
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from admission import keys
 from admission.decision import WalletState
 from gateway_plugin.config import GatewayConfig
+from gateway_plugin.problems import problem_http, problem_members
 
 PREFIX = "/_creditgate"
 _STATIC = ("dashboard.html", "dashboard.js", "dashboard.css")
@@ -242,17 +244,15 @@ def _authorized(request: web.Request, token: str) -> bool:
 async def stats_handler(request: web.Request) -> web.Response:
     state = request.app[DASHBOARD]
     if not _authorized(request, state.config.admin_token):
-        return web.json_response(
-            {
-                "type": "urn:creditgate:problem:dashboard-unauthorized",
-                "title": "Admin token needed",
-                "status": 401,
-                "detail": "send Authorization: Bearer <admin token>",
-            },
-            status=401,
-            content_type="application/problem+json",
-            headers={"WWW-Authenticate": 'Bearer realm="creditgate-dashboard"'},
+        doc = problem_members(
+            "urn:creditgate:problem:dashboard-unauthorized",
+            "Admin token needed",
+            401,
+            "send Authorization: Bearer <admin token>",
+            request.rel_url.raw_path,
         )
+        challenge = CIMultiDict({"WWW-Authenticate": 'Bearer realm="creditgate-dashboard"'})
+        return problem_http(doc, challenge)
     stats = await collect_stats(state)
     return web.json_response(stats, headers={"Cache-Control": "no-store"})
 

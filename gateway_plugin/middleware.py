@@ -188,7 +188,7 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
 
 def _ambiguous_path(path: str) -> Decision:
     detail = (
-        f"the path {path!r} names another admission route once its '.', '..' and empty "
+        f"the path {path} names another admission route once its '.', '..' and empty "
         "segments are resolved"
     )
     return Decision(admitted=False, reason=Reason.INVALID_REQUEST, detail=detail)

@@ -118,6 +118,14 @@ def setup(app: web.Application, config: GatewayConfig) -> GatewayState:
     if GATEWAY_KEY in app:
         raise RuntimeError("gateway_plugin.setup() was already called on this application")
     policy = _policy(config)
+    if not policy.routes:
+        # An empty or truncated file would otherwise meter nothing, silently.
+        where = "" if isinstance(config.policy, Policy) else f" {config.policy}"
+        log.warning(
+            "creditgate: the policy%s names no routes: every request %s",
+            where,
+            "passes unmetered" if policy.settings.unmatched == "pass" else "is denied (400)",
+        )
     metrics = GatewayMetrics.for_registry(
         config.registry, config.metrics_projects, config.metrics_top_projects
     )

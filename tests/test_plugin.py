@@ -857,6 +857,29 @@ def test_top_n_projects_bound_the_series() -> None:
     assert exported - {"vip"} <= {f"p{i}" for i in range(0, 200, 7)}
 
 
+def test_a_policy_without_routes_is_said_at_setup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An empty or truncated policy file meters nothing: setup() says so, naming the file."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# routes go here\n")
+    with caplog.at_level(logging.WARNING, logger="gateway_plugin"):
+        setup(web.Application(), GatewayConfig(policy=empty, registry=CollectorRegistry()))
+        setup(
+            web.Application(),
+            GatewayConfig(
+                policy=parse_policy('[settings]\nunmatched = "deny"\n', "deny.toml"),
+                registry=CollectorRegistry(),
+            ),
+        )
+        routes = parse_policy(GATEWAY_POLICY, "routes.toml")
+        setup(web.Application(), GatewayConfig(policy=routes, registry=CollectorRegistry()))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"creditgate: the policy {empty} names no routes: every request passes unmetered",
+        "creditgate: the policy names no routes: every request is denied (400)",
+    ]
+
+
 def test_config_from_env_and_toml(tmp_path: Path) -> None:
     cfg = GatewayConfig.from_env(
         {
@@ -983,7 +1006,14 @@ async def test_dashboard_on_a_plugin_app(
 
     page = await client.get("/_creditgate/dashboard/")
     assert page.status == 200 and page.content_type == "text/html"
-    assert (await client.get("/_creditgate/stats", headers=bearer(secret))).status == 401
+    refused = await client.get("/_creditgate/stats", headers=bearer(secret))
+    assert (refused.status, refused.headers["Content-Type"]) == (401, "application/problem+json")
+    assert refused.headers["WWW-Authenticate"] == 'Bearer realm="creditgate-dashboard"'
+    body = await refused.json(content_type=None)
+    assert (body["type"], body["instance"]) == (
+        "urn:creditgate:problem:dashboard-unauthorized",
+        "/_creditgate/stats",
+    )
     resp = await client.get("/_creditgate/stats", headers=bearer(token))
     assert resp.status == 200
     stats = await resp.json()
