@@ -8,7 +8,9 @@ server alike. Run:
 
     python bench/gateway_bench.py [--seconds 10] [--connections 50] [--servers bare,plugin,...]
 
-Servers: bare (trivial handler), plugin (setup() in lease mode, the default: one credit hold +
+Servers: bare (trivial handler), null-plugin (bare plus a pass-through middleware and a response
+hook adding the two RateLimit headers: what aiohttp charges any plugin of this shape before it
+does any work), plugin (setup() in lease mode, the default: one credit hold +
 one rate quota + one concurrency quota per request, flusher running), plugin-hold (the same in
 hold mode: one admit and one settle script operation per request, batched per tick),
 plugin-source (the plugin running its Python source instead of the compiled hot path, as with
@@ -82,8 +84,13 @@ cost = 1
 quotas = ["requests", "concurrent"]
 """
 
+# What the plugin sends for POLICY, with the figures of a fresh lease.
+NULL_POLICY_HEADER = '"requests";q=1000000000;w=60, "concurrent";q=100000;qu="concurrent-requests"'
+NULL_RATELIMIT_HEADER = '"requests";r=999999999;t=60, "concurrent";r=99999'
+
 SERVERS = (
     "bare",
+    "null-plugin",
     "plugin",
     "plugin-hold",
     "plugin-source",
@@ -121,6 +128,26 @@ def _serve(app: web.Application, args: argparse.Namespace) -> None:
 
 def serve_bare(args: argparse.Namespace) -> None:
     app = web.Application()
+    app.router.add_get("/work", _ok)
+    _serve(app, args)
+
+
+def serve_null_plugin(args: argparse.Namespace) -> None:
+    """bare plus what aiohttp charges any plugin of this shape before it does any work: a
+    pass-through middleware and a response-prepare hook adding the two RateLimit headers
+    (fixed values of the plugin's length)."""
+    from gateway_plugin import headers as hdr
+
+    @web.middleware
+    async def passthrough(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await handler(request)
+
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[hdr.RATELIMIT_POLICY] = NULL_POLICY_HEADER
+        response.headers[hdr.RATELIMIT] = NULL_RATELIMIT_HEADER
+
+    app = web.Application(middlewares=[passthrough])
+    app.on_response_prepare.append(add_headers)
     app.router.add_get("/work", _ok)
     _serve(app, args)
 
@@ -761,6 +788,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     modes: dict[str, Callable[[argparse.Namespace], None]] = {
         "bare": serve_bare,
+        "null-plugin": serve_null_plugin,
         "plugin": serve_plugin,
         "plugin-hold": serve_plugin_hold,
         "plugin-no-flusher": serve_plugin_no_flusher,
