@@ -32,7 +32,6 @@ import asyncio
 import itertools
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +53,7 @@ from admission.decision import (
     quota_statuses,
 )
 from admission.errors import REDIS_RETRY_S, AuthorityUnavailable, redis_unreachable
+from admission.identity import PROJECT_RE
 from admission.metrics import authority_metrics
 from admission.policy import MAX_AMOUNT, Policy, QuotaDef, Route
 from admission.ports import SnapshotFiller
@@ -68,7 +68,7 @@ from admission.store import (
 
 log = logging.getLogger("admission.lease")
 
-_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_PROJECT_RE = PROJECT_RE
 _RATE = QuotaKind.RATE
 _CONC = QuotaKind.CONCURRENCY
 _EXPIRED = WalletState.EXPIRED
@@ -174,6 +174,7 @@ class LocalLease:
         "sent_at",
         "seq",
         "shard",
+        "spent",
         "state",
         "synced",
         "used_at",
@@ -200,7 +201,8 @@ class LocalLease:
         # id(route) -> its quotas here, resolved and rendered; cleared by every reply.
         self.views: dict[int, _View] = {}
         self.state = WalletState.UNSPECIFIED
-        self.low_room = 0  # LOW while more than this is in flight here (LeaseResult)
+        self.low_room = 0  # LOW while more than this is in flight here (LeaseResult) ...
+        self.spent = 0  # ... or committed here since the sync that said so
         self.grace_until_ms = 0
         self.credit_short: Reason | None = None
         self.synced = False  # a sync answered: the fields above are Redis's
@@ -614,7 +616,7 @@ class LeaseAdmitter:
             quotas,
             None,
             lease.state,
-            lease.inflight > lease.low_room,
+            lease.inflight + lease.spent > lease.low_room,
             lease.grace_until_ms,
             route.shadow,
             None,
@@ -651,7 +653,7 @@ class LeaseAdmitter:
                 lease.project_id,
                 quotas=self._statuses(lease, spec),
                 wallet_state=lease.state,
-                low_balance=lease.inflight > lease.low_room,
+                low_balance=lease.inflight + lease.spent > lease.low_room,
                 grace_until_ms=lease.grace_until_ms,
                 shadow=True,
                 would_deny=reason,
@@ -663,7 +665,7 @@ class LeaseAdmitter:
             quotas=self._statuses(lease, spec),
             retry_after_seconds=retry,
             wallet_state=lease.state,
-            low_balance=lease.inflight > lease.low_room,
+            low_balance=lease.inflight + lease.spent > lease.low_room,
             grace_until_ms=lease.grace_until_ms,
         )
 
@@ -732,6 +734,7 @@ class LeaseAdmitter:
         lease.inflight -= held
         lease.free += held - charge
         if charge > 0:
+            lease.spent += charge
             key = (hold.route, hold.meter)
             p = lease.pending.get(key)
             if p is None:
@@ -1019,6 +1022,8 @@ class LeaseAdmitter:
         lease.free += res.amount - op.keep
         lease.state = res.wallet_state
         lease.low_room = res.low_room
+        # The room counts the commits this sync carried; those made since still count here.
+        lease.spent = max(0, lease.spent - sum([e.amount for e in op.events]))
         lease.grace_until_ms = res.grace_until_ms
         lease.replied_at = now
         lease.valid_until = lease.sent_at + self._ttl_s - self._margin_s
