@@ -32,6 +32,7 @@ from admission.errors import (
     StoreUnavailable,
     redis_unreachable,
 )
+from admission.identity import PROJECT_RE
 from admission.policy import MAX_AMOUNT, Policy, QuotaDef, Route
 from admission.ports import SnapshotFiller
 from admission.store import (
@@ -50,8 +51,8 @@ from admission.store import (
     is_lease_id,
 )
 
-_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_PROJECT_RE = PROJECT_RE
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 @dataclass(slots=True)

@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 # A case-insensitive key: a multidict looks it up without folding its case on every request.
 _AUTHORIZATION = istr("Authorization")
 
-SECRET_RE = re.compile(r"^cg_[A-Za-z0-9_-]{43}$")
-PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SECRET_RE = re.compile(r"^cg_[A-Za-z0-9_-]{43}\Z")
+# \Z, not $: "$" also matches before a trailing newline.
+PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}\Z")
 PROJECT_HEADER = "X-Creditgate-Project"
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -255,6 +255,8 @@ async def test_bad_input_changes_nothing(admission_engine: Engine) -> None:
         AdmitRequest(p, "chat", cost=True),
         AdmitRequest(p, "chat", cost=1, quotas=("nope",)),
         AdmitRequest("Bad Project", "chat", cost=1),
+        AdmitRequest(p + "\n", "chat", cost=1),  # "$" would match before the newline
+        AdmitRequest(p, "chat\n", cost=1),
         AdmitRequest(p, "chat", cost=1, quota_weight=0),
     ]
     for r in bad:

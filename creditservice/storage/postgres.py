@@ -30,7 +30,7 @@ from creditservice.storage.sqlstore import SqlStore
 
 # Arbitrary constant naming "the creditservice writer" among advisory locks of this database.
 _WRITER_LOCK_KEY = 0x6372656469747376
-_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}\Z")
 _COPY_MIN_ROWS = 32
 _TRANSIENT = (
     asyncpg.PostgresConnectionError,
