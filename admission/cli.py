@@ -65,7 +65,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="FILE",
         help="policy file: enables the hold-expiry sweeper here (else the gateways run it)",
     )
-    p.add_argument("--gateway-id", default=socket.gethostname(), help="consumer name prefix")
+    p.add_argument(
+        "--gateway-id",
+        type=_gateway_id,
+        default=socket.gethostname(),
+        help=f"consumer name prefix, at most {keys.MAX_GATEWAY_ID} characters",
+    )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--claim-idle-ms", type=int, default=30_000)
     p.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS")
@@ -74,6 +79,14 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0 = off)"
     )
     p.set_defaults(func=main)
+
+
+def _gateway_id(text: str) -> str:
+    try:
+        keys.check_gateway_id(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def main(args: argparse.Namespace) -> int:

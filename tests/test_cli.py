@@ -510,6 +510,10 @@ USAGE_ERRORS = [
         ["authority", "serve", "--http-listen", "127.0.0.1:70000"],
         "error: creditgate authority serve: argument --http-listen: expected HOST:PORT",
     ),
+    (
+        ["flusher", "--token", "t", "--gateway-id", "g" * 129],
+        "error: creditgate flusher: argument --gateway-id: gateway_id is 129 characters long",
+    ),
     (["wallet"], "error: creditgate wallet: the following arguments are required: COMMAND"),
     (["no-such-command"], "error: creditgate: argument COMMAND: invalid choice"),
 ]
