@@ -289,12 +289,28 @@ async def test_a_resealed_stream_that_contradicts_its_ledger_is_refused(
                 t.CopyFrom(r)
             if change == "balance":
                 next(t for t in out if t.HasField("wallet")).wallet.balance += 10**12
+            elif change == "beyond":  # consistent, but past what the gateways compute exactly
+                wallet = next(t for t in out if t.HasField("wallet")).wallet
+                entry = next(
+                    t.entry
+                    for t in out
+                    if t.HasField("entry") and t.entry.project_id == wallet.project_id
+                )
+                wallet.balance += 6 * 10**15
+                for t in out:
+                    if t.HasField("entry") and t.entry.project_id == wallet.project_id:
+                        t.entry.balance_after += 6 * 10**15
+                entry.amount += 6 * 10**15
             else:  # a top-up of the wrong sign, its balances made to agree
                 entry = next(t.entry for t in out if t.HasField("entry") and t.entry.amount > 0)
                 entry.amount = -entry.amount
             return _resealed(out)
 
-        for change, problem in (("balance", "ledger sum"), ("sign", "running sum")):
+        for change, problem in (
+            ("balance", "ledger sum"),
+            ("sign", "running sum"),
+            ("beyond", "beyond the maximum"),
+        ):
             with pytest.raises(InvalidArgument, match=f"contradicts itself.*{problem}"):
                 await dst.import_records(stream(edited(change)))
             assert [r.WhichOneof("record") for r in await export_all(dst)] == [

@@ -274,6 +274,12 @@ _CHECKS: tuple[tuple[str, str], ...] = (
         "ledger seq {0}: kind {1} with amount {2} has the wrong sign",
     ),
     (
+        # What the gateways' Redis scripts compute exactly (domain.MAX_BALANCE).
+        f"SELECT project_id, balance FROM wallets WHERE balance > {domain.MAX_BALANCE} "
+        f"OR balance < -{domain.MAX_BALANCE} ORDER BY project_id",
+        f"wallet {{0}}: balance {{1}} beyond the maximum of {domain.MAX_BALANCE} (either sign)",
+    ),
+    (
         "SELECT a.event_id, a.ledger_seq FROM applied_events a LEFT JOIN ledger l "
         "ON l.seq = a.ledger_seq WHERE a.ledger_seq <> 0 "
         "AND (l.seq IS NULL OR l.reference <> a.event_id) ORDER BY a.event_id",
