@@ -38,7 +38,7 @@ from admission.policy import ambiguous_route
 from gateway_plugin import headers as hdr
 from gateway_plugin.handle import USAGE_KEY, UsageHandle
 from gateway_plugin.metrics import ADMISSION_BUCKETS
-from gateway_plugin.problems import problem_response
+from gateway_plugin.problems import SENT_PATH, problem_response
 from gateway_plugin.statics import served_path_async
 
 if TYPE_CHECKING:
@@ -197,7 +197,8 @@ def _ambiguous_path(path: str) -> Decision:
 def _deny(state: GatewayState, decision: Decision, request: web.Request) -> web.Response:
     return problem_response(
         decision,
-        request.rel_url.raw_path,  # `instance`: a URI reference, as the client sent it
+        # `instance`: a URI reference, as the client sent it (before a rewrite in front of us)
+        request.get(SENT_PATH) or request.rel_url.raw_path,
         type_base=state.config.problem_type_base,
         default_retry_after=state.retry_after_defaults.get(decision.reason, 1),
     )

@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 # No charset parameter: JSON is UTF-8 by definition (RFC 8259 8.1) and the media type defines
 # none (RFC 9457 6.1).
 CONTENT_TYPE = "application/problem+json"
+# The path as the client sent it, where a middleware in front of the plugin rewrote the request
+# (the standalone gateway's canonical paths): a problem's `instance` names what the client sent.
+SENT_PATH = web.RequestKey("creditgate_sent_path", str)
 WWW_AUTHENTICATE = istr("WWW-Authenticate")
 BEARER_CHALLENGE = 'Bearer realm="creditgate"'
 _CONTENT_TYPE = istr("Content-Type")

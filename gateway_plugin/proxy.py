@@ -27,7 +27,7 @@ from yarl import URL
 from admission.policy import Policy, load_policy, resolve_segments
 from gateway_plugin.config import DEFAULT_PROBLEM_TYPE_BASE, GatewayConfig
 from gateway_plugin.handle import USAGE_KEY
-from gateway_plugin.problems import gateway_problem
+from gateway_plugin.problems import SENT_PATH, gateway_problem
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,6 @@ class ProxyConfig:
 
 PROXY_CONFIG = web.AppKey("creditgate_proxy_config", ProxyConfig)
 # The path as the client sent it, before canonical_url: the `instance` of the proxy's problems.
-SENT_PATH = web.RequestKey("creditgate_sent_path", str)
 
 
 def _connection_tokens(headers: Mapping[str, str] | CIMultiDict[str]) -> set[str]:

@@ -476,6 +476,9 @@ async def test_an_encoded_slash_is_refused_or_kept_as_configured(
     resp = await strict.get("/v1/x")
     denial = await gateway_problem(resp, 401, "missing-credential", "/v1/x")
     assert set(denial) == set(body)
+    # A path the gateway made canonical: the denial names the path as the client sent it.
+    resp = await strict.get(URL("/v1//x", encoded=True))
+    await gateway_problem(resp, 401, "missing-credential", "/v1//x")
 
     project, secret = await project_factory(1000)
     keeping = await make_gateway(base_url(server), policy=PASS_POLICY, encoded_slashes="keep")
