@@ -365,52 +365,6 @@ async def test_serve_refuses_to_start_without_a_token(
     assert code == 2 and "admin token" in one_line_error(err)
 
 
-async def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
-    grpc_port, http_port = free_port(), free_port()
-    env = os.environ | {"CREDITGATE_ADMIN_TOKEN": "serve-test-token"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway_plugin.cli",
-        "authority",
-        "serve",
-        "--database",
-        f"sqlite:///{tmp_path / 'served.db'}",
-        "--grpc-listen",
-        f"127.0.0.1:{grpc_port}",
-        "--http-listen",
-        f"127.0.0.1:{http_port}",
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        async with aiohttp.ClientSession() as session:
-            while True:
-                assert proc.returncode is None, "the authority exited"
-                try:
-                    async with session.get(f"http://127.0.0.1:{http_port}/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert loop.time() < deadline, "the authority did not start"
-                await asyncio.sleep(0.05)
-            headers = {"Authorization": "Bearer serve-test-token"}
-            async with session.get(
-                f"http://127.0.0.1:{http_port}/v1/wallets", headers=headers
-            ) as resp:
-                assert resp.status == 200
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 # ---------------------------------------------------------------- checked before anything starts
 
 
@@ -692,7 +646,11 @@ def test_authority_serve_help_shows_the_defaults(
 # ---------------------------------------------------------------- start line, export count
 
 
-async def test_authority_serve_says_where_it_listens(tmp_path: Path) -> None:
+async def test_authority_serve_says_where_it_listens_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """`authority serve` prints one line once it serves (addresses, database), answers until
+    SIGTERM, then exits 0."""
     grpc_port, http_port = free_port(), free_port()
     database = f"sqlite:///{tmp_path / 'served.db'}"
     proc = await asyncio.create_subprocess_exec(
@@ -718,6 +676,12 @@ async def test_authority_serve_says_where_it_listens(tmp_path: Path) -> None:
             f"creditgate authority pid {proc.pid}: gRPC on 127.0.0.1:{grpc_port}, "
             f"REST on http://127.0.0.1:{http_port}, database {database}\n"
         )
+        headers = {"Authorization": "Bearer serve-test-token"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{http_port}/v1/wallets", headers=headers) as resp,
+        ):
+            assert resp.status == 200
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
