@@ -937,6 +937,21 @@ def test_config_from_env_and_toml(tmp_path: Path) -> None:
             Store(aioredis.Redis(), gateway_id=bad)  # every other way to an engine
 
 
+class _Refusals(logging.Handler):
+    """Sets `repeated` once the Watch subscriber has been refused four times more (DEBUG)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+        self.repeated = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Watch still refused"):
+            self.count += 1
+            if self.count >= 4:
+                self.repeated.set()
+
+
 async def test_an_empty_authority_token_says_how_to_set_it_and_watch_backs_off(
     authority: AuthorityServer,
     gateway_redis: RedisProcess,
@@ -956,18 +971,29 @@ async def test_an_empty_authority_token_says_how_to_set_it_and_watch_backs_off(
     app = web.Application()
     app.router.add_get("/charged", ok)
     setup(app, config)
-    with caplog.at_level(logging.INFO):
-        await aiohttp_client(app)
-        # Polls a condition with a deadline: refusals 1-5 are 0.05 + 0.1 + 0.2 + 0.4 s apart.
-        async with asyncio.timeout(10):
-            while True:
-                if (registry.get_sample_value("creditgate_watch_reconnects_total") or 0) >= 5:
-                    break
-                await asyncio.sleep(0.01)
+    refusals = _Refusals()
+    watch_log = logging.getLogger("admission.cache")
+    watch_log.addHandler(refusals)
+    level = watch_log.level
+    watch_log.setLevel(logging.DEBUG)
+    try:
+        with caplog.at_level(logging.INFO):
+            await aiohttp_client(app)
+            # Refusals 1-5 come 0.05 + 0.1 + 0.2 + 0.4 s apart (the backoff); the 2nd to 5th
+            # are logged at DEBUG only.
+            async with asyncio.timeout(10):
+                await refusals.repeated.wait()
+    finally:
+        watch_log.removeHandler(refusals)
+        watch_log.setLevel(level)
     messages = [r.getMessage() for r in caplog.records]
     (empty,) = [m for m in messages if "authority_token is empty" in m]
     assert "--token / CREDITGATE_ADMIN_TOKEN" in empty
-    watch = [r.getMessage() for r in caplog.records if r.name == "admission.cache"]
+    watch = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "admission.cache" and r.levelno >= logging.INFO
+    ]
     assert len(watch) == 1, watch
     assert "the authority refused the gateway's token: set --token" in watch[0]
 
