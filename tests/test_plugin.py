@@ -922,9 +922,9 @@ def test_config_from_env_and_toml(tmp_path: Path) -> None:
         ("[gateway]\nrun_flusher = \n", ": Invalid value (at line 2"),
     ):
         toml.write_text(body)
-        with pytest.raises(ValueError) as bad:
+        with pytest.raises(ValueError) as refused:
             GatewayConfig.from_toml(toml)
-        assert str(bad.value).startswith(f"{toml}{message}"), str(bad.value)
+        assert str(refused.value).startswith(f"{toml}{message}"), str(refused.value)
     with pytest.raises(ValueError, match="policy is required"):
         setup(web.Application(), GatewayConfig())
     # The id travels in every settlement event, and the authority takes at most 128
