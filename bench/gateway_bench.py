@@ -8,9 +8,10 @@ server alike. Run:
 
     python bench/gateway_bench.py [--seconds 10] [--connections 50] [--servers bare,plugin,...]
 
-Servers: bare (trivial handler), null-plugin (bare plus a pass-through middleware and a response
-hook adding the two RateLimit headers: what aiohttp charges any plugin of this shape before it
-does any work), plugin (setup() in lease mode, the default: one credit hold +
+Servers: bare (trivial handler); three that do no admission work and add the plugin's two
+RateLimit headers: null-wrap (the route handler wrapped, as setup() does), null-mw (a
+middleware instead), null-plugin (a pass-through middleware and a response-prepare hook);
+plugin (setup() in lease mode, the default: one credit hold +
 one rate quota + one concurrency quota per request, flusher running), plugin-hold (the same in
 hold mode: one admit and one settle script operation per request, batched per tick),
 plugin-source (the plugin running its Python source instead of the compiled hot path, as with
@@ -91,6 +92,8 @@ NULL_RATELIMIT_HEADER = '"requests";r=999999999;t=60, "concurrent";r=99999'
 SERVERS = (
     "bare",
     "null-plugin",
+    "null-wrap",
+    "null-mw",
     "plugin",
     "plugin-hold",
     "plugin-source",
@@ -148,6 +151,39 @@ def serve_null_plugin(args: argparse.Namespace) -> None:
 
     app = web.Application(middlewares=[passthrough])
     app.on_response_prepare.append(add_headers)
+    app.router.add_get("/work", _ok)
+    _serve(app, args)
+
+
+def serve_null_wrap(args: argparse.Namespace) -> None:
+    """bare with the route's handler wrapped (as setup() wraps them) setting the two RateLimit
+    headers on the response: no middleware layer, no signal."""
+    from gateway_plugin import headers as hdr
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        response = await _ok(request)
+        response.headers[hdr.RATELIMIT_POLICY] = NULL_POLICY_HEADER
+        response.headers[hdr.RATELIMIT] = NULL_RATELIMIT_HEADER
+        return response
+
+    app = web.Application()
+    app.router.add_get("/work", wrapped)
+    _serve(app, args)
+
+
+def serve_null_mw(args: argparse.Namespace) -> None:
+    """bare with a middleware setting the two RateLimit headers: what aiohttp's middleware
+    layer costs by itself (against null-wrap)."""
+    from gateway_plugin import headers as hdr
+
+    @web.middleware
+    async def mw(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        response.headers[hdr.RATELIMIT_POLICY] = NULL_POLICY_HEADER
+        response.headers[hdr.RATELIMIT] = NULL_RATELIMIT_HEADER
+        return response
+
+    app = web.Application(middlewares=[mw])
     app.router.add_get("/work", _ok)
     _serve(app, args)
 
@@ -789,6 +825,8 @@ def main(argv: list[str] | None = None) -> None:
     modes: dict[str, Callable[[argparse.Namespace], None]] = {
         "bare": serve_bare,
         "null-plugin": serve_null_plugin,
+        "null-wrap": serve_null_wrap,
+        "null-mw": serve_null_mw,
         "plugin": serve_plugin,
         "plugin-hold": serve_plugin_hold,
         "plugin-no-flusher": serve_plugin_no_flusher,

@@ -5,7 +5,8 @@ Public API (stable; the standalone gateway, demo and dashboard build on it):
     from gateway_plugin import GatewayConfig, setup, usage, GATEWAY_KEY
 
     setup(app: web.Application, config: GatewayConfig) -> GatewayState
-        Before the app starts. Installs the middleware, the on_response_prepare header hook,
+        Before the app starts. Installs admission around every route's handler (wrapped when
+        the app starts; not a middleware), the on_response_prepare header hook,
         the lifecycle (cleanup_ctx: Redis, AuthorityClient, CacheFiller, IdentityResolver,
         AdmissionEngine, Watch, Flusher, sweeper) and GET config.metrics_path. On a sub-app it
         protects only that sub-app's routes. Raises RuntimeError once the app is frozen.

@@ -346,5 +346,9 @@ def bypass_admission(app: web.Application, routes: Iterable[web.AbstractRoute]) 
 
     Inserted first, so it runs before setup()'s middleware whatever the order of the calls.
     """
+    from gateway_plugin.plugin import BYPASS_ROUTES
+
     owned = frozenset(r for route in routes for r in route.resource or ())
+    # setup() leaves their handlers unwrapped; this middleware skips the ones after it too.
+    app.setdefault(BYPASS_ROUTES, set()).update(owned)
     app.middlewares.insert(0, _bypass(owned))

@@ -1,4 +1,8 @@
-"""The admission middleware: route -> identity -> admit -> handler -> commit or release.
+"""Admission around a route handler: route -> identity -> admit -> handler -> commit or release.
+
+It has a middleware's signature (request, handler); setup() puts it in front of each route's
+handler when the app starts (gateway_plugin.plugin._protect) instead of installing it as a
+middleware, whose layer alone cost 10-13% of a trivial request's throughput.
 
 Theory of operation. A request whose route the policy does not name passes (or is denied when
 `settings.unmatched = "deny"`). Otherwise the caller is identified and the engine decides; a
