@@ -170,28 +170,57 @@ def _policy(config: GatewayConfig) -> Policy:
     return load_policy(Path(config.policy))
 
 
-def _protect(app: web.Application, state: GatewayState, admit: Middleware) -> None:
+def _protect(
+    app: web.Application,
+    state: GatewayState,
+    admit: Middleware,
+    bypassed: frozenset[web.AbstractRoute] = frozenset(),
+) -> None:
     """Puts admission in front of the handler of every route of `app` and of its sub-apps
     (those without a setup() of their own), except exempt handlers and bypassed routes.
 
     A request aiohttp routes nowhere (404, 405) meets no admission: it is neither charged
     nor counted against a quota.
     """
-    bypass = app.get(BYPASS_ROUTES, set())
+    own: set[web.AbstractRoute] = app.get(BYPASS_ROUTES, set())
+    bypass = bypassed.union(own)  # an app's bypassed routes stay so in its sub-apps
     for resource in app.router.resources():
         sub = resource.get_info().get("app")
         if isinstance(sub, web.Application):
             if GATEWAY_KEY not in sub:
-                _protect(sub, state, admit)
+                _protect(sub, state, admit, bypass)
             continue
         for route in resource:
             handler = route.handler
-            if handler in state.exempt_handlers or route in bypass:
-                continue
+            if handler in state.exempt_handlers or route in bypass or hasattr(handler, _WRAPS):
+                continue  # an app started again keeps the wrappers of its first start
             # AbstractRoute keeps its handler in `_handler` (aiohttp 3.x, pinned <4); the
             # router is frozen, the routes are not. tests/test_plugin.py checks that every
-            # kind of route (plain, static, sub-app) is admitted.
-            route._handler = functools.partial(admit, handler=handler)  # type: ignore[assignment]
+            # kind of route (function, view, static, sub-app) is admitted, once.
+            route._handler = _admitted(handler, admit)
+
+
+# Marks (and names the original of) a handler _protect wrapped.
+_WRAPS = "__creditgate_admits__"
+
+
+def _admitted(handler: Any, admit: Middleware) -> Any:
+    """`handler` with admission in front, looking like `handler` to middlewares and to
+    request.match_info.handler: a function keeps its name, docstring and attributes (a
+    decorator's marks), a class-based view stays a subclass of its class."""
+    if isinstance(handler, type) and issubclass(handler, web.View):
+        view: type[web.View] = handler
+
+        async def _iter(self: web.View) -> web.StreamResponse:
+            return await admit(self.request, lambda _request: view._iter(self))
+
+        namespace = {"_iter": _iter, "__doc__": view.__doc__, "__module__": view.__module__}
+        wrapped: Any = type(view.__name__, (view,), namespace)
+        wrapped.__qualname__ = view.__qualname__
+    else:
+        wrapped = functools.update_wrapper(functools.partial(admit, handler=handler), handler)
+    setattr(wrapped, _WRAPS, handler)
+    return wrapped
 
 
 def _lifecycle(

@@ -18,6 +18,8 @@ import http_sfv
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -607,6 +609,64 @@ async def test_every_kind_of_route_is_admitted_without_a_middleware(
     assert (resp.status, await resp.text()) == (200, f"view of {project}")
     assert "RateLimit" in resp.headers
     assert list(gw.client.app.middlewares) == []
+
+
+def admin_only(handler: Handler) -> Handler:
+    handler.admin_only = True  # type: ignore[attr-defined]
+    return handler
+
+
+@admin_only
+async def wipe(request: web.Request) -> web.Response:
+    """Deletes everything."""
+    return web.Response(text="deleted")
+
+
+async def test_a_wrapped_handler_looks_like_itself_and_an_app_started_again_admits_once(
+    redis_url: str,
+    authority: AuthorityServer,
+    project_factory: ProjectFactory,
+) -> None:
+    """Middlewares and request.match_info.handler see the handler's own name, docstring and
+    attributes (an authorization decorator's mark), and a view stays a subclass of its class.
+    An app started a second time keeps its wrappers: one admission, one charge, per request."""
+    seen: list[tuple[str, bool, bool]] = []
+
+    @web.middleware
+    async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
+        target = request.match_info.handler
+        is_view = isinstance(target, type) and issubclass(target, ChargedView)
+        seen.append((target.__name__, getattr(target, "admin_only", False), is_view))
+        if getattr(handler, "admin_only", False):
+            raise web.HTTPForbidden()
+        return await handler(request)
+
+    app = web.Application(middlewares=[authorize])
+    app.router.add_post("/admin/wipe", wipe)
+    app.router.add_view("/charged", ChargedView)
+    state = setup(
+        app,
+        GatewayConfig(
+            policy=parse_policy(GATEWAY_POLICY, "test-policy.toml"),
+            redis_url=redis_url,
+            authority_target=authority.grpc_target,
+            authority_token=authority.config.admin_token,
+            run_flusher=False,
+            registry=CollectorRegistry(),
+        ),
+    )
+    _, secret = await project_factory(1000)
+    for _ in range(2):  # the same app, started twice
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.post("/admin/wipe", headers=bearer(secret))).status == 403
+            resp = await client.get("/charged", headers=bearer(secret))
+            assert resp.status == 200
+            assert sf_list(resp.headers["RateLimit"])["concurrent"] == {"r": 1}
+    assert seen == [("wipe", True, False), ("ChargedView", False, True)] * 2
+    assert wipe.__doc__ == "Deletes everything."
+    state.metrics.fold()
+    admitted = {"outcome": "admitted", "reason": "admitted"}
+    assert state.metrics.registry.get_sample_value("creditgate_decisions_total", admitted) == 2
 
 
 async def test_sub_app_leaves_parent_routes_alone(
