@@ -73,7 +73,6 @@ def make_middleware(state: GatewayState) -> Middleware:
     policy = state.policy
     match = policy.match
     unmatched_pass = policy.settings.unmatched == "pass"
-    exempt = state.exempt_handlers
     statics = state.static_resources  # filled when the app starts
     metrics = state.metrics
     hot = metrics.hot  # plain counts, folded into Prometheus (gateway_plugin.metrics)
@@ -101,7 +100,7 @@ def make_middleware(state: GatewayState) -> Middleware:
         if ("/." in path or "//" in path) and ambiguous_route(policy, request.method, path, route):
             return _deny(state, _ambiguous_path(path), request)
         if route is None:
-            if unmatched_pass or request.match_info.handler in exempt:
+            if unmatched_pass:
                 return await handler(request)
             return _deny(
                 state,
@@ -112,9 +111,7 @@ def make_middleware(state: GatewayState) -> Middleware:
                 ),
                 request,
             )
-        if request.match_info.handler in exempt:
-            return await handler(request)
-
+        # Exempt handlers (metrics, the dashboard) are never wrapped: nothing to check here.
         started = perf()
         # The engine never raises for Redis or authority failures: it applies the route's
         # on_redis_down policy itself and answers UNAVAILABLE when it cannot decide.
