@@ -50,6 +50,7 @@ from admission.decision import (
     Rendered,
     SettleOutcome,
     WalletState,
+    fill_ratelimit,
     quota_statuses,
 )
 from admission.errors import REDIS_RETRY_S, AuthorityUnavailable, redis_unreachable
@@ -262,9 +263,7 @@ class _View:
 
     __slots__ = ("conc", "conc_names", "defs", "fmt", "policy", "quotas", "rate", "spec")
 
-    def __init__(
-        self, spec: _RouteSpec, quotas: tuple[_Quota, ...], templates: tuple[str, str] | None
-    ) -> None:
+    def __init__(self, spec: _RouteSpec, quotas: tuple[_Quota, ...]) -> None:
         self.spec = spec
         self.quotas = quotas
         self.rate = tuple(q for q in quotas if q.kind is _RATE)
@@ -274,14 +273,12 @@ class _View:
             (q.qdef.name, q.kind, q.limit, q.window if q.kind is _RATE else 0) for q in quotas
         )
         self.policy: str | None = None
-        self.fmt: str | None = None
-        if templates is not None:
-            self.policy, self.fmt = templates
+        self.fmt: tuple[str, ...] | None = None  # the RateLimit template (decision.fill_ratelimit)
 
 
-# Renders (RateLimit-Policy value, RateLimit %-template) for quota definitions; the gateway
+# Renders (RateLimit-Policy value, RateLimit template) for quota definitions; the gateway
 # passes gateway_plugin.headers.ratelimit_templates.
-Templates = Callable[[QuotaDefs], tuple[str, str]]
+Templates = Callable[[QuotaDefs], tuple[str, tuple[str, ...]]]
 
 
 # Compiled (admission.native), a Python subclass may still override its methods (the tests
@@ -403,7 +400,7 @@ class LeaseAdmitter:
             if q is None:  # a quota no sync has seen yet
                 return None
             quotas.append(q)
-        view = _View(spec, tuple(quotas), None)
+        view = _View(spec, tuple(quotas))
         if self._templates is not None:
             view.policy, view.fmt = self._templates(view.defs)
         lease.views[id(spec.route)] = view
@@ -604,7 +601,7 @@ class LeaseAdmitter:
         if not fig:
             pass
         elif fmt is not None and view.policy is not None:
-            rendered = Rendered(view.policy, fmt % fig, view.defs, fig)
+            rendered = Rendered(view.policy, fill_ratelimit(fmt, fig), view.defs, fig)
             quotas = None  # built from `rendered` if someone reads Decision.quotas
         else:
             quotas = quota_statuses(view.defs, fig)

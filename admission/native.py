@@ -49,6 +49,7 @@ COMPILED = (
     "admission.policy",
     "gateway_plugin.handle",
     "gateway_plugin.headers",
+    "gateway_plugin.hot",
     "gateway_plugin.middleware",
 )
 PURE_ENV = "CREDITGATE_PURE_PYTHON"

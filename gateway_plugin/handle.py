@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from aiohttp import web
 
 from admission.decision import Decision, Hold
@@ -23,10 +25,11 @@ class UsageHandle:
     unless the route allows overage); `release()` ends the hold with no charge.
     """
 
-    __slots__ = ("_closed", "_released", "_reported", "decision")
+    __slots__ = ("_closed", "_released", "_reported", "decision", "request")
 
-    def __init__(self, decision: Decision) -> None:
+    def __init__(self, decision: Decision, request: web.Request) -> None:
         self.decision = decision
+        self.request = request  # the request as the handler got it
         self._reported: int | None = None
         self._released = False
         self._closed = False
@@ -100,13 +103,26 @@ class UsageHandle:
             raise UsageError("the request's hold is already settled")
 
 
-USAGE_KEY = web.RequestKey("creditgate_usage", UsageHandle)
+# The handle of the request being handled. aiohttp handles each request in a task of its own
+# (with a copy of the connection's context), so a value set while admitting a request is seen
+# by its handler, by the tasks the handler starts and by its response's prepare hook, and by
+# no other request. A context variable costs a fraction of request[key] = value and
+# request.get(key), which run Python-level mapping methods on every request.
+CURRENT: ContextVar[UsageHandle | None] = ContextVar("creditgate_usage", default=None)
+
+
+def handle_of(request: web.Request) -> UsageHandle | None:
+    """The usage handle of `request` if it was admitted on a protected route, else None."""
+    handle = CURRENT.get()
+    if handle is not None and handle.request is request:
+        return handle
+    return None
 
 
 def usage(request: web.Request) -> UsageHandle:
     """The usage handle of an admitted request on a route protected by the plugin."""
-    handle = request.get(USAGE_KEY)
-    if not isinstance(handle, UsageHandle):
+    handle = handle_of(request)
+    if handle is None:
         raise UsageError(
             f"no creditgate usage handle for {request.method} {request.path}: the route is not "
             "protected by gateway_plugin.setup() (or the request was not admitted)"

@@ -88,20 +88,23 @@ def _policy_item(name: str, kind: QuotaKind, limit: int, window_seconds: int) ->
     return item
 
 
-def ratelimit_templates(defs: QuotaDefs) -> tuple[str, str]:
-    """The RateLimit-Policy value for quotas defined as `defs`, and a %-template of their
-    RateLimit value taking, per quota, its remaining count and (rate quotas) its reset
-    seconds, both >= 0: the figures of admission.decision.Rendered. The lease path renders
-    each admission's headers with these instead of building QuotaStatus values."""
+def ratelimit_templates(defs: QuotaDefs) -> tuple[str, tuple[str, ...]]:
+    """The RateLimit-Policy value for quotas defined as `defs`, and a template of their
+    RateLimit value: the text around the figures of admission.decision.Rendered (per quota,
+    its remaining count and, rate quotas, its reset seconds, both >= 0), which
+    admission.decision.fill_ratelimit puts in. The lease path renders each admission's
+    headers with these instead of building QuotaStatus values."""
     policy = ", ".join([_policy_item(*d) for d in defs])
-    items = []
+    pieces: list[str] = []
+    text = ""
     for name, kind, _, _ in defs:
-        quoted = _quoted(name).replace("%", "%%")
-        if kind is QuotaKind.CONCURRENCY:
-            items.append(f"{quoted};{P_REMAINING}=%d")
-        else:
-            items.append(f"{quoted};{P_REMAINING}=%d;{P_RESET}=%d")
-    return policy, ", ".join(items)
+        text += f"{', ' if pieces else ''}{_quoted(name)};{P_REMAINING}="
+        pieces.append(text)
+        text = ""
+        if kind is not QuotaKind.CONCURRENCY:
+            pieces.append(f";{P_RESET}=")
+    pieces.append(text)
+    return policy, tuple(pieces)
 
 
 def ratelimit_item(quota: QuotaStatus) -> str:

@@ -4,15 +4,13 @@ Per-project series exist only for an allow-list plus the top-N projects by decis
 space-saving sketch), so cardinality stays bounded whatever the traffic.
 
 The per-request figures (decisions, admission latency, commits and releases) are counted as
-plain integers in `HotCounts` and folded into the Prometheus metrics: prometheus-client takes a
-lock for every inc() and observe(), and four of them per request cost more than the admission
-decision itself. See `HotCounts` for when a fold happens.
+plain integers in `gateway_plugin.hot.HotCounts` and folded into the Prometheus metrics:
+prometheus-client takes a lock for every inc() and observe(), and four of them per request
+cost more than the admission decision itself. See `HotCounts` for when a fold happens.
 """
 
 from __future__ import annotations
 
-import bisect
-import collections
 import contextlib
 import logging
 import threading
@@ -26,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from admission.decision import Reason
+from gateway_plugin.hot import HotCounts
 
 log = logging.getLogger("gateway_plugin")
 
@@ -112,36 +111,6 @@ class ProjectDecisions(Collector):
         return iter(())
 
 
-class HotCounts:
-    """Per-request counts as plain integers, owned by the event loop's thread.
-
-    The middleware adds to these; `GatewayMetrics.fold()` moves them into the Prometheus
-    metrics and zeroes them. A fold runs every second (a task of the plugin's lifecycle), at
-    shutdown, and at the start of every collect that runs on the loop's thread (a collector
-    registered ahead of the metrics it feeds), so /metrics, the dashboard and registry reads
-    in tests see every request counted so far. A collect on another thread (an exporter
-    thread) does not fold; it sees the last fold, at most one second old. Workers of
-    `serve --workers N` fold into their multiprocess files the same way.
-    """
-
-    __slots__ = ("admitted", "commits", "credits", "denied", "latency", "latency_sum", "releases")
-
-    def __init__(self, buckets: int) -> None:
-        self.admitted: collections.Counter[Reason] = collections.Counter()
-        self.denied: collections.Counter[Reason] = collections.Counter()
-        # Admission latency: count per bucket of ADMISSION_BUCKETS (index len() is +Inf).
-        self.latency = [0] * (buckets + 1)
-        self.latency_sum = 0.0
-        self.commits = 0  # commits that succeeded
-        self.releases = 0  # releases that succeeded
-        self.credits: collections.Counter[str] = collections.Counter()  # committed, per meter
-
-    def observe(self, seconds: float) -> None:
-        """One admission latency (the middleware inlines this)."""
-        self.latency[bisect.bisect_left(ADMISSION_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
-
-
 class _FoldFirst(Collector):
     """Registered before the plugin's metrics: a collect on the loop's thread folds first."""
 
@@ -169,7 +138,7 @@ class GatewayMetrics:
         top_projects: int = 0,
     ) -> None:
         self.registry = registry
-        self.hot = HotCounts(len(ADMISSION_BUCKETS))
+        self.hot = HotCounts(ADMISSION_BUCKETS)
         # The thread whose collects fold (bind() sets the event loop's thread at startup).
         self.loop_thread = threading.get_ident()
         registry.register(_FoldFirst(self))

@@ -28,7 +28,6 @@ their first byte.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import functools
 import logging
 import time
@@ -40,12 +39,13 @@ from aiohttp.typedefs import Handler, Middleware
 from admission.decision import Decision, Hold, Reason, SettleOutcome
 from admission.policy import ambiguous_route
 from gateway_plugin import headers as hdr
-from gateway_plugin.handle import USAGE_KEY, UsageHandle
-from gateway_plugin.metrics import ADMISSION_BUCKETS
+from gateway_plugin.handle import CURRENT, UsageHandle
+from gateway_plugin.hot import HotCounts
 from gateway_plugin.problems import SENT_PATH, problem_response
 from gateway_plugin.statics import served_path_async
 
 if TYPE_CHECKING:
+    from admission.lease import LeaseAdmitter
     from gateway_plugin.plugin import GatewayState
 
 log = logging.getLogger("gateway_plugin")
@@ -76,12 +76,10 @@ def make_middleware(state: GatewayState) -> Middleware:
     statics = state.static_resources  # filled when the app starts
     metrics = state.metrics
     hot = metrics.hot  # plain counts, folded into Prometheus (gateway_plugin.metrics)
-    latency = hot.latency
-    admitted_counts = hot.admitted
-    denied_counts = hot.denied
-    bisect_left = bisect.bisect_left
-    bounds = ADMISSION_BUCKETS
+    project_decisions = metrics.project_decisions  # fixed for the metrics' life
+    record_project = project_decisions.record if project_decisions.enabled else None
     perf = time.perf_counter
+    set_current = CURRENT.set
 
     @web.middleware
     async def creditgate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -117,6 +115,7 @@ def make_middleware(state: GatewayState) -> Middleware:
         # on_redis_down policy itself and answers UNAVAILABLE when it cannot decide.
         identity = state.identity
         engine = state.engine
+        leases = state.leases
         if identity is None or engine is None:
             decision = _NOT_STARTED
         else:
@@ -124,7 +123,6 @@ def make_middleware(state: GatewayState) -> Middleware:
             who = identity.identify_cached(headers) or await identity.identify(
                 headers, request.remote
             )
-            leases = state.leases
             if isinstance(who, Reason):
                 decision = _identity_denials[who]
             elif leases is not None:
@@ -134,55 +132,56 @@ def make_middleware(state: GatewayState) -> Middleware:
                 )
             else:
                 decision = await engine.admit_route(route, who.project_id)
-        elapsed = perf() - started
-        latency[bisect_left(bounds, elapsed)] += 1
-        hot.latency_sum += elapsed
-        project_decisions = metrics.project_decisions
-        if project_decisions.enabled and decision.project_id is not None:
-            project_decisions.record(decision.project_id, decision.admitted)
+        hot.observe(perf() - started)
+        if record_project is not None and decision.project_id is not None:
+            record_project(decision.project_id, decision.admitted)
+        hot.decided(decision.admitted, decision.reason)
         if not decision.admitted:
-            denied_counts[decision.reason] += 1
             return _deny(state, decision, request)
-        admitted_counts[decision.reason] += 1
         if decision.would_deny is not None:
             metrics.shadow_would_deny.labels(decision.would_deny.value).inc()
         if decision.degraded:
             metrics.degraded_admits.labels(route.name).inc()
 
-        handle = UsageHandle(decision)
-        request[USAGE_KEY] = handle
+        handle = UsageHandle(decision, request)
+        set_current(handle)  # for usage(request) and on_response_prepare, in this task only
         try:
             response = await handler(request)
         except web.HTTPException as exc:
             if exc.status >= 500:
-                _end(state, handle, not route.release_on_error)
+                _end(state, handle, not route.release_on_error, leases, hot)
             else:
-                _end(state, handle, _COMMIT)
+                _end(state, handle, _COMMIT, leases, hot)
             raise
         except (ConnectionResetError, asyncio.CancelledError):
-            _end(state, handle, route.on_disconnect == "commit")
+            _end(state, handle, route.on_disconnect == "commit", leases, hot)
             raise
         except BaseException:
-            _end(state, handle, not route.release_on_error)
+            _end(state, handle, not route.release_on_error, leases, hot)
             raise
         if response.status >= 500:
-            _end(state, handle, not route.release_on_error)
+            _end(state, handle, not route.release_on_error, leases, hot)
         elif request.transport is None and not response.prepared:
             # The client left while the handler ran: nothing of the response can reach it.
-            _end(state, handle, route.on_disconnect == "commit")
+            _end(state, handle, route.on_disconnect == "commit", leases, hot)
         else:
             if route.commit == _REPORTED and handle.reported is None and not handle.released:
                 # The route expects its handler to report usage: the hold is charged instead.
                 metrics.unreported.labels(route.name).inc()
-            _end(state, handle, _COMMIT)
+            _end(state, handle, _COMMIT, leases, hot)
         return response
 
     return creditgate_middleware
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Adds the RateLimit / warning headers to an admitted request's response (signal)."""
-    handle = request.get(USAGE_KEY)
+    """Adds the RateLimit / warning headers to an admitted request's response (signal).
+
+    Any response prepared in the admitted request's task: the handler's, streamed or returned,
+    one an outer middleware put in its place, or aiohttp's 500 for an exception; whatever
+    request object (a middleware's clone) it was prepared with.
+    """
+    handle = CURRENT.get()
     if handle is not None:
         hdr.apply_admitted(response.headers, handle.decision)
 
@@ -205,29 +204,32 @@ def _deny(state: GatewayState, decision: Decision, request: web.Request) -> web.
     )
 
 
-def _end(state: GatewayState, handle: UsageHandle, commit: bool) -> None:
-    """Starts ending the hold (queued in this tick's batch); safe from a cancelled task."""
+def _end(
+    state: GatewayState,
+    handle: UsageHandle,
+    commit: bool,
+    leases: LeaseAdmitter | None,
+    hot: HotCounts,
+) -> None:
+    """Starts ending the hold (queued in this tick's batch); safe from a cancelled task.
+
+    `leases` and `hot` are state.leases and state.metrics.hot, which the caller holds."""
     handle.close()
     hold = handle.decision.hold
-    engine = state.engine
-    if hold is None or engine is None:
+    if hold is None:
         return
     if handle.released:
         commit = _RELEASE
     amount = handle.commit_amount() if commit else 0
-    leases = state.leases
     if leases is not None:  # lease mode: ended locally, synced to Redis with the lease
         outcome = leases.end_local(hold, commit, amount)
         if outcome is None:  # ended as asked: count it (the common case, kept short)
-            hot = state.metrics.hot
-            if commit:
-                hot.commits += 1
-                if amount:
-                    hot.credits[hold.meter] += amount
-            else:
-                hot.releases += 1
+            hot.ended(commit, hold.meter, amount)
         else:
             _record(state, hold, commit, outcome)
+        return
+    engine = state.engine
+    if engine is None:
         return
     fut = engine.end_hold(hold, commit, amount)
     state.settling.add(fut)
@@ -291,13 +293,7 @@ async def _settle(state: GatewayState, hold: Hold, commit: bool, amount: int) ->
 def _record(state: GatewayState, hold: Hold, commit: bool, outcome: SettleOutcome) -> None:
     metrics = state.metrics
     if outcome.ok:
-        hot = metrics.hot
-        if commit:
-            hot.commits += 1
-            if outcome.amount:
-                hot.credits[hold.meter] += outcome.amount
-        else:
-            hot.releases += 1
+        metrics.hot.ended(commit, hold.meter, outcome.amount)
         return
     (metrics.commit_failed if commit else metrics.release_failed).inc()
     log.warning(

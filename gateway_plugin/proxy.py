@@ -26,7 +26,7 @@ from yarl import URL
 
 from admission.policy import Policy, load_policy, resolve_segments
 from gateway_plugin.config import DEFAULT_PROBLEM_TYPE_BASE, GatewayConfig
-from gateway_plugin.handle import USAGE_KEY
+from gateway_plugin.handle import handle_of
 from gateway_plugin.problems import SENT_PATH, gateway_problem
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def upstream_url(base: str, raw_path: str) -> URL:
 
 def project_of(request: web.Request) -> str | None:
     """The project of an admitted request on a route the plugin protects, else None."""
-    handle = request.get(USAGE_KEY)
+    handle = handle_of(request)
     return handle.project_id if handle is not None else None
 
 

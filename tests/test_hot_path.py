@@ -23,6 +23,7 @@ from admission.decision import (
     Reason,
     Rendered,
     WalletState,
+    fill_ratelimit,
     quota_statuses,
 )
 from gateway_plugin import headers as hdr
@@ -64,9 +65,9 @@ def test_rendered_headers_equal_the_quota_status_rendering(
     policy, template = hdr.ratelimit_templates(layout)
     statuses = quota_statuses(layout, figures)
     assert policy == hdr.ratelimit_policy_value(statuses)
-    assert template % figures == hdr.ratelimit_value(statuses)
+    assert fill_ratelimit(template, figures) == hdr.ratelimit_value(statuses)
     # And both parse as structured-field lists with one member per quota.
-    for value in (policy, template % figures):
+    for value in (policy, fill_ratelimit(template, figures)):
         parsed = http_sfv.List()
         parsed.parse(value.encode())
         assert len(parsed) == len(layout)
@@ -76,7 +77,7 @@ def test_lazy_quotas_equal_eager_ones_and_headers_use_the_rendering() -> None:
     layout = (("requests", QuotaKind.RATE, 600, 60), ("concurrent", QuotaKind.CONCURRENCY, 20, 0))
     figures = (599, 1, 19)
     policy, template = hdr.ratelimit_templates(layout)
-    rendered = Rendered(policy, template % figures, layout, figures)
+    rendered = Rendered(policy, fill_ratelimit(template, figures), layout, figures)
     lazy = Decision(True, Reason.ADMITTED, "p", quotas=None, rendered=rendered)
     eager = Decision(
         True,
@@ -122,10 +123,10 @@ def _record(metrics: GatewayMetrics, latencies: list[float]) -> None:
     hot = metrics.hot
     for seconds in latencies:
         hot.observe(seconds)
-        hot.admitted[Reason.ADMITTED] += 1
-        hot.commits += 1
-        hot.credits["m"] += 3
-    hot.denied[Reason.RATE_LIMITED] += 1
+        hot.decided(True, Reason.ADMITTED)
+        hot.ended(True, "m", 3)
+    hot.ended(False, "m", 0)  # a release: counted, charges nothing
+    hot.decided(False, Reason.RATE_LIMITED)
 
 
 LATENCIES = [0.00001, 0.00005, 0.0002, 0.0009, 0.003, 0.2, 0.05, 0.0001]
@@ -151,6 +152,8 @@ def test_folded_counts_equal_per_request_observations() -> None:
     assert _exported(registry, decisions, {"outcome": "denied", "reason": "rate-limited"}) == 1
     settled = {"action": "commit", "result": "ok"}
     assert _exported(registry, "creditgate_settlements_total", settled) == 8
+    released = {"action": "release", "result": "ok"}
+    assert _exported(registry, "creditgate_settlements_total", released) == 1
     assert _exported(registry, "creditgate_committed_credits_total", {"meter": "m"}) == 24
     # Folding zeroed the plain counts: a second scrape counts nothing twice.
     assert _exported(registry, f"{name}_count", {}) == len(LATENCIES)

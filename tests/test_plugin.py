@@ -669,6 +669,57 @@ async def test_a_wrapped_handler_looks_like_itself_and_an_app_started_again_admi
     assert state.metrics.registry.get_sample_value("creditgate_decisions_total", admitted) == 2
 
 
+async def test_a_cloned_request_keeps_its_handle_and_headers_stay_with_their_request(
+    redis_url: str,
+    authority: AuthorityServer,
+    project_factory: ProjectFactory,
+) -> None:
+    """A middleware that hands the handler a clone of the request (request.clone() copies its
+    state) does not lose the usage handle: the handler reports through the clone, the report
+    is what is committed, and the response aiohttp prepares with the original request still
+    carries the RateLimit headers. The next request on the same connection, to a route
+    served without admission, carries none."""
+    reported: list[int] = []
+
+    @web.middleware
+    async def rewrite(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await handler(request.clone(headers={**request.headers, "X-Rewritten": "1"}))
+
+    async def report(request: web.Request) -> web.Response:
+        assert request.headers["X-Rewritten"] == "1"
+        usage(request).report(7)  # of the 10 held
+        reported.append(usage(request).commit_amount())
+        return web.Response(text="reported")
+
+    app = web.Application(middlewares=[rewrite])
+    app.router.add_get("/charged", report)
+    state = setup(
+        app,
+        GatewayConfig(
+            policy=parse_policy(GATEWAY_POLICY, "test-policy.toml"),
+            redis_url=redis_url,
+            authority_target=authority.grpc_target,
+            authority_token=authority.config.admin_token,
+            run_flusher=False,
+            registry=CollectorRegistry(),
+        ),
+    )
+    _, secret = await project_factory(1000)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/charged", headers=bearer(secret))
+        assert resp.status == 200, await resp.text()
+        assert sf_list(resp.headers["RateLimit"])["requests"]["r"] == 4
+        after = await client.get("/metrics")  # exempt: no admission, no admission headers
+        assert after.status == 200
+        assert "RateLimit" not in after.headers and "RateLimit-Policy" not in after.headers
+    assert reported == [7]
+    state.metrics.fold()
+    committed = state.metrics.registry.get_sample_value(
+        "creditgate_committed_credits_total", {"meter": "requests"}
+    )
+    assert committed == 7
+
+
 async def test_sub_app_leaves_parent_routes_alone(
     aiohttp_client: Any, redis_url: str, authority: AuthorityServer
 ) -> None:
