@@ -59,6 +59,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiohttp import web
+from stats import nearest_rank  # bench/stats.py, beside this script
 
 from admission import native
 
@@ -329,8 +330,8 @@ async def _client_load(url: str, token: str, connections: int, seconds: float) -
     latencies.sort()
     return {
         "rps": len(latencies) / elapsed,
-        "p50_ms": latencies[len(latencies) // 2] * 1000,
-        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
+        "p50_ms": nearest_rank(latencies, 0.50) * 1000,
+        "p99_ms": nearest_rank(latencies, 0.99) * 1000,
         "non_2xx": errors,
     }
 
@@ -737,10 +738,10 @@ async def _cold_latency(url: str, target: str, token: str, count: int) -> dict[s
     cold.sort()
     warm.sort()
     return {
-        "p50_ms": cold[len(cold) // 2],
-        "p99_ms": cold[min(len(cold) - 1, int(len(cold) * 0.99))],
+        "p50_ms": nearest_rank(cold, 0.50),
+        "p99_ms": nearest_rank(cold, 0.99),
         "max_ms": cold[-1],
-        "warm_p50_ms": warm[len(warm) // 2],
+        "warm_p50_ms": nearest_rank(warm, 0.50),
     }
 
 

@@ -31,6 +31,8 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stats import nearest_rank  # bench/stats.py, beside this script
+
 from creditservice.server import AuthorityConfig, AuthorityServer
 from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
@@ -156,7 +158,7 @@ async def bench_backend(
                 elapsed, lat = await measure(stub, md, reqs, concurrency)
                 events = len(reqs) * size
                 lat_ms = sorted(x * 1000 for x in lat)
-                p99 = lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))]
+                p99 = nearest_rank(lat_ms, 0.99)
                 print(
                     f"{backend:10s} batch={size:5d} conc={concurrency} watch={watch_streams} "
                     f"events={events:7d} "

@@ -70,8 +70,7 @@ def make_middleware(state: GatewayState) -> Middleware:
     The state is captured rather than looked up in request.config_dict on every request: the
     lookup walks the app chain, and each setup() (app or sub-app) has exactly one state.
     """
-    policy = state.policy
-    match = policy.match
+    policy = state.policy  # a compiled class: policy.match() below is a direct C call
     unmatched_pass = policy.settings.unmatched == "pass"
     statics = state.static_resources  # filled when the app starts
     metrics = state.metrics
@@ -94,7 +93,7 @@ def make_middleware(state: GatewayState) -> Middleware:
                 served = await served_path_async(static, request.match_info["filename"])
                 if served is not None:
                     path = served
-        route = match(request.method, path)
+        route = policy.match(request.method, path)
         if ("/." in path or "//" in path) and ambiguous_route(policy, request.method, path, route):
             return _deny(state, _ambiguous_path(path), request)
         if route is None:
