@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from admission.decision import Reason
 from admission.policy import Policy, load_policy
 from gateway_plugin.config import GatewayConfig
 from gateway_plugin.headers import ratelimit_templates
 from gateway_plugin.metrics import GatewayMetrics, metrics_handler
-from gateway_plugin.middleware import make_middleware, on_response_prepare
+from gateway_plugin.middleware import Admit, make_admit, on_response_prepare
 from gateway_plugin.statics import static_routes
 
 if TYPE_CHECKING:
@@ -153,7 +152,7 @@ def setup(app: web.Application, config: GatewayConfig) -> GatewayState:
     # middleware: aiohttp's middleware layer alone cost 10-13% of a trivial request's
     # throughput (bench/gateway_bench.py, null-mw against null-wrap).
     app.on_response_prepare.append(on_response_prepare)
-    app.cleanup_ctx.append(_lifecycle(state, make_middleware(state)))
+    app.cleanup_ctx.append(_lifecycle(state, make_admit(state)))
     if config.metrics_path:
         serve_metrics = metrics_handler(config.registry)
         # Scrapes are never admission-controlled, whatever routes the policy names.
@@ -173,7 +172,7 @@ def _policy(config: GatewayConfig) -> Policy:
 def _protect(
     app: web.Application,
     state: GatewayState,
-    admit: Middleware,
+    admit: Admit,
     bypassed: frozenset[web.AbstractRoute] = frozenset(),
 ) -> None:
     """Puts admission in front of the handler of every route of `app` and of its sub-apps
@@ -204,7 +203,7 @@ def _protect(
 _WRAPS = "__creditgate_admits__"
 
 
-def _admitted(handler: Any, admit: Middleware) -> Any:
+def _admitted(handler: Any, admit: Admit) -> Any:
     """`handler` with admission in front, looking like `handler` to middlewares and to
     request.match_info.handler: a function keeps its name, docstring and attributes (a
     decorator's marks), a class-based view stays a subclass of its class."""
@@ -212,19 +211,19 @@ def _admitted(handler: Any, admit: Middleware) -> Any:
         view: type[web.View] = handler
 
         async def _iter(self: web.View) -> web.StreamResponse:
-            return await admit(self.request, lambda _request: view._iter(self))
+            return await admit(lambda _request: view._iter(self), self.request)
 
         namespace = {"_iter": _iter, "__doc__": view.__doc__, "__module__": view.__module__}
         wrapped: Any = type(view.__name__, (view,), namespace)
         wrapped.__qualname__ = view.__qualname__
     else:
-        wrapped = functools.update_wrapper(functools.partial(admit, handler=handler), handler)
+        wrapped = functools.update_wrapper(functools.partial(admit, handler), handler)
     setattr(wrapped, _WRAPS, handler)
     return wrapped
 
 
 def _lifecycle(
-    state: GatewayState, admit: Middleware
+    state: GatewayState, admit: Admit
 ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def creditgate_lifecycle(app: web.Application) -> AsyncIterator[None]:
