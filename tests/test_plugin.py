@@ -622,6 +622,18 @@ async def wipe(request: web.Request) -> web.Response:
     return web.Response(text="deleted")
 
 
+def _no_flusher_config(redis_url: str, authority: AuthorityServer) -> GatewayConfig:
+    """GATEWAY_POLICY against the test's Redis and authority, no flusher, a registry of its own."""
+    return GatewayConfig(
+        policy=parse_policy(GATEWAY_POLICY, "test-policy.toml"),
+        redis_url=redis_url,
+        authority_target=authority.grpc_target,
+        authority_token=authority.config.admin_token,
+        run_flusher=False,
+        registry=CollectorRegistry(),
+    )
+
+
 async def test_a_wrapped_handler_looks_like_itself_and_an_app_started_again_admits_once(
     redis_url: str,
     authority: AuthorityServer,
@@ -644,17 +656,7 @@ async def test_a_wrapped_handler_looks_like_itself_and_an_app_started_again_admi
     app = web.Application(middlewares=[authorize])
     app.router.add_post("/admin/wipe", wipe)
     app.router.add_view("/charged", ChargedView)
-    state = setup(
-        app,
-        GatewayConfig(
-            policy=parse_policy(GATEWAY_POLICY, "test-policy.toml"),
-            redis_url=redis_url,
-            authority_target=authority.grpc_target,
-            authority_token=authority.config.admin_token,
-            run_flusher=False,
-            registry=CollectorRegistry(),
-        ),
-    )
+    state = setup(app, _no_flusher_config(redis_url, authority))
     _, secret = await project_factory(1000)
     for _ in range(2):  # the same app, started twice
         async with TestClient(TestServer(app)) as client:
@@ -693,17 +695,7 @@ async def test_a_cloned_request_keeps_its_handle_and_headers_stay_with_their_req
 
     app = web.Application(middlewares=[rewrite])
     app.router.add_get("/charged", report)
-    state = setup(
-        app,
-        GatewayConfig(
-            policy=parse_policy(GATEWAY_POLICY, "test-policy.toml"),
-            redis_url=redis_url,
-            authority_target=authority.grpc_target,
-            authority_token=authority.config.admin_token,
-            run_flusher=False,
-            registry=CollectorRegistry(),
-        ),
-    )
+    state = setup(app, _no_flusher_config(redis_url, authority))
     _, secret = await project_factory(1000)
     async with TestClient(TestServer(app)) as client:
         resp = await client.get("/charged", headers=bearer(secret))
