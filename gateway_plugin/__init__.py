@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import admission  # noqa: F401 - first: it picks the hot path's build (admission.native)
 from gateway_plugin.config import GatewayConfig
-from gateway_plugin.handle import UsageError, UsageHandle, usage
+from gateway_plugin.handle import USAGE_KEY, UsageError, UsageHandle, usage
 from gateway_plugin.plugin import GATEWAY_KEY, GatewayState, setup
 
 __all__ = [
     "GATEWAY_KEY",
+    "USAGE_KEY",
     "GatewayConfig",
     "GatewayState",
     "UsageError",

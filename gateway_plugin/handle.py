@@ -25,14 +25,27 @@ class UsageHandle:
     unless the route allows overage); `release()` ends the hold with no charge.
     """
 
-    __slots__ = ("_closed", "_released", "_reported", "decision", "request")
+    __slots__ = ("_closed", "_released", "_reported", "_request", "decision")
 
     def __init__(self, decision: Decision, request: web.Request) -> None:
         self.decision = decision
-        self.request = request  # the request as the handler got it
+        # The request as the handler got it, until its response is prepared: a task the
+        # handler started inherits the handle with its context (CURRENT) and must not keep
+        # the request alive after that.
+        self._request: web.Request | None = request
         self._reported: int | None = None
         self._released = False
         self._closed = False
+
+    def admitted(self, request: web.Request) -> bool:
+        """Whether `request` is the very request object this handle was made for (until its
+        response is prepared)."""
+        return self._request is request
+
+    def prepared(self) -> None:
+        """The response is prepared (its headers are out): the handle lets go of the request.
+        usage(request) still finds it through the request (USAGE_KEY)."""
+        self._request = None
 
     @property
     def project_id(self) -> str | None:
@@ -103,19 +116,36 @@ class UsageHandle:
             raise UsageError("the request's hold is already settled")
 
 
-# The handle of the request being handled. aiohttp handles each request in a task of its own
-# (with a copy of the connection's context), so a value set while admitting a request is seen
-# by its handler, by the tasks the handler starts and by its response's prepare hook, and by
-# no other request. A context variable costs a fraction of request[key] = value and
-# request.get(key), which run Python-level mapping methods on every request.
+USAGE_KEY = web.RequestKey("creditgate_usage", UsageHandle)
+
+# The handle of the request admitted in this task, for a quicker way to it than
+# request.get(USAGE_KEY), which runs two Python-level mapping methods. aiohttp handles each
+# request in a task of its own, with a copy of the connection's context, so the value is seen
+# by the request's handler, the tasks that handler starts and its response's prepare hook. It
+# is a shortcut, checked against the request it is asked for: a response of another request
+# prepared in this task (a handler streaming to other clients), or a request admitted in
+# another task (a middleware running the handler under asyncio.wait_for), finds its own
+# handle through the request.
 CURRENT: ContextVar[UsageHandle | None] = ContextVar("creditgate_usage", default=None)
 
 
 def handle_of(request: web.Request) -> UsageHandle | None:
-    """The usage handle of `request` if it was admitted on a protected route, else None."""
-    handle = CURRENT.get()
-    if handle is not None and handle.request is request:
+    """The usage handle of `request` if it was admitted on a protected route, else None.
+
+    Also for the original of a request whose clone (request.clone(), in a middleware outside
+    admission) was admitted: aiohttp prepares the response with the original, which shares
+    the clone's writer (one per HTTP exchange) but not its mapping.
+    """
+    current = CURRENT.get()
+    if current is not None and current.admitted(request):
+        return current
+    handle = request.get(USAGE_KEY)
+    if isinstance(handle, UsageHandle):
         return handle
+    if current is not None:
+        admitted = current._request
+        if admitted is not None and admitted.writer is request.writer:
+            return current
     return None
 
 
@@ -125,6 +155,6 @@ def usage(request: web.Request) -> UsageHandle:
     if handle is None:
         raise UsageError(
             f"no creditgate usage handle for {request.method} {request.path}: the route is not "
-            "protected by gateway_plugin.setup() (or the request was not admitted)"
+            "protected by gateway_plugin.setup(), or the request was not admitted"
         )
     return handle

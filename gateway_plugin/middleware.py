@@ -42,7 +42,7 @@ from aiohttp.typedefs import Handler
 from admission.decision import Decision, Hold, Reason, SettleOutcome
 from admission.policy import ambiguous_route
 from gateway_plugin import headers as hdr
-from gateway_plugin.handle import CURRENT, UsageHandle
+from gateway_plugin.handle import CURRENT, USAGE_KEY, UsageHandle, handle_of
 from gateway_plugin.hot import HotCounts
 from gateway_plugin.problems import SENT_PATH, problem_response
 from gateway_plugin.statics import served_path_async
@@ -149,7 +149,8 @@ def make_admit(state: GatewayState) -> Admit:
             metrics.degraded_admits.labels(route.name).inc()
 
         handle = UsageHandle(decision, request)
-        set_current(handle)  # for usage(request) and on_response_prepare, in this task only
+        request[USAGE_KEY] = handle  # for usage(request) from anywhere
+        set_current(handle)  # the quick way to it in this task (gateway_plugin.handle)
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -180,15 +181,15 @@ def make_admit(state: GatewayState) -> Admit:
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """Adds the RateLimit / warning headers to an admitted request's response (signal).
-
-    Any response prepared in the admitted request's task: the handler's, streamed or returned,
-    one an outer middleware put in its place, or aiohttp's 500 for an exception; whatever
-    request object (a middleware's clone) it was prepared with.
-    """
+    """Adds the RateLimit / warning headers to an admitted request's response (signal): the
+    handler's, streamed or returned, one an outer middleware put in its place, or aiohttp's
+    500 for an exception."""
     handle = CURRENT.get()
+    if handle is None or not handle.admitted(request):
+        handle = handle_of(request)  # not the request admitted in this task: look it up
     if handle is not None:
         hdr.apply_admitted(response.headers, handle.decision)
+        handle.prepared()
 
 
 def _ambiguous_path(path: str) -> Decision:

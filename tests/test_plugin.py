@@ -8,9 +8,12 @@ authority's ledger holds exactly what the gateway committed.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import secrets
+import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -710,6 +713,140 @@ async def test_a_cloned_request_keeps_its_handle_and_headers_stay_with_their_req
         "creditgate_committed_credits_total", {"meter": "requests"}
     )
     assert committed == 7
+
+
+async def test_a_response_prepared_in_another_requests_task_gets_its_own_headers(
+    redis_url: str,
+    authority: AuthorityServer,
+    project_factory: ProjectFactory,
+) -> None:
+    """A handler that streams to other clients (a publisher preparing its subscribers'
+    responses) must not put its admission on them: an unadmitted subscriber gets no RateLimit,
+    an admitted one its own project's figures."""
+    waiting: list[tuple[web.Request, web.StreamResponse, asyncio.Event]] = []
+    two_waiting = asyncio.Event()
+
+    async def subscribe(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        done = asyncio.Event()
+        waiting.append((request, response, done))
+        if len(waiting) == 2:
+            two_waiting.set()
+        await done.wait()
+        return response
+
+    async def publish(request: web.Request) -> web.Response:
+        for subscriber, response, done in waiting:
+            await response.prepare(subscriber)
+            await response.write_eof()
+            done.set()
+        return web.Response(text="published")
+
+    app = web.Application()
+    app.router.add_get("/open", subscribe)  # no policy route: passes, nothing admitted
+    app.router.add_get("/free", subscribe)
+    app.router.add_get("/charged", publish)
+    config = _no_flusher_config(redis_url, authority)
+    config.policy = parse_policy(GATEWAY_POLICY.replace('unmatched = "deny"', 'unmatched = "pass"'))
+    setup(app, config)
+    _, publisher = await project_factory(1000)
+    _, subscriber = await project_factory(1000)
+    async with TestClient(TestServer(app)) as client:
+        # The subscriber's project has used 3 of its 5 requests when the publisher sends.
+        for _ in range(2):
+            assert (await client.get("/charged", headers=bearer(subscriber))).status == 200
+        unadmitted = asyncio.ensure_future(client.get("/open"))
+        admitted = asyncio.ensure_future(client.get("/free", headers=bearer(subscriber)))
+        await two_waiting.wait()
+        published = await client.get("/charged", headers=bearer(publisher))
+        assert published.status == 200
+        assert sf_list(published.headers["RateLimit"])["requests"]["r"] == 4
+        unadmitted_resp, admitted_resp = await unadmitted, await admitted
+    assert unadmitted_resp.status == 200 and admitted_resp.status == 200
+    assert "RateLimit" not in unadmitted_resp.headers
+    assert "RateLimit-Policy" not in unadmitted_resp.headers
+    assert sf_list(admitted_resp.headers["RateLimit"])["requests"]["r"] == 2
+
+
+async def test_the_handle_is_found_from_other_tasks_threads_and_clones(
+    redis_url: str,
+    authority: AuthorityServer,
+    project_factory: ProjectFactory,
+) -> None:
+    """usage(request) answers wherever the request object is: in a middleware that ran the
+    handler in a task of its own (asyncio.wait_for), in an executor thread, in a worker task
+    started before the request, for a clone made in the handler; and the response a
+    middleware ran that way still carries the RateLimit headers."""
+    seen: dict[str, str | None] = {}
+    jobs: asyncio.Queue[tuple[web.Request, asyncio.Future[str | None]]] = asyncio.Queue()
+
+    def project(request: web.Request) -> str | None:
+        return usage(request).project_id
+
+    @web.middleware
+    async def in_a_task(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await asyncio.wait_for(handler(request), 30)  # a task of its own (3.11)
+        seen["middleware"] = project(request)
+        return response
+
+    async def worker(app: web.Application) -> AsyncIterator[None]:
+        async def run() -> None:
+            while True:
+                request, answer = await jobs.get()
+                answer.set_result(project(request))
+
+        task = asyncio.create_task(run())
+        yield
+        task.cancel()
+
+    async def charged(request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        seen["executor"] = await loop.run_in_executor(None, project, request)
+        answer: asyncio.Future[str | None] = loop.create_future()
+        await jobs.put((request, answer))
+        seen["worker"] = await answer
+        seen["clone"] = project(request.clone())
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[in_a_task])
+    app.cleanup_ctx.append(worker)
+    app.router.add_get("/charged", charged)
+    setup(app, _no_flusher_config(redis_url, authority))
+    project_id, secret = await project_factory(1000)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/charged", headers=bearer(secret))
+        assert resp.status == 200, await resp.text()
+        assert sf_list(resp.headers["RateLimit"])["requests"]["r"] == 4
+    assert seen == dict.fromkeys(("executor", "worker", "clone", "middleware"), project_id)
+
+
+async def test_a_task_the_handler_started_does_not_keep_its_request_alive(
+    redis_url: str,
+    authority: AuthorityServer,
+    project_factory: ProjectFactory,
+) -> None:
+    """A long-lived task started by an admitted handler inherits the handle with the
+    request's context; the handle must not keep the request (and its connection) alive."""
+    started: list[asyncio.Task[None]] = []
+    requests: list[weakref.ref[web.Request]] = []
+    forever = asyncio.Event()
+
+    async def start_job(request: web.Request) -> web.Response:
+        started.append(asyncio.create_task(forever.wait()))
+        requests.append(weakref.ref(request))
+        return web.Response(text="started")
+
+    app = web.Application()
+    app.router.add_get("/free", start_job)
+    setup(app, _no_flusher_config(redis_url, authority))
+    _, secret = await project_factory(1000)
+    async with TestClient(TestServer(app)) as client:
+        assert (await client.get("/free", headers=bearer(secret))).status == 200
+    gc.collect()
+    assert not started[0].done()
+    assert requests[0]() is None
+    forever.set()
+    await started[0]
 
 
 async def test_sub_app_leaves_parent_routes_alone(
