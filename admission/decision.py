@@ -161,21 +161,22 @@ def fill_ratelimit(pieces: tuple[str, ...], figures: tuple[int, ...]) -> str:
     """pieces[0] + str(figures[0]) + pieces[1] + ... + pieces[-1]: a RateLimit value from its
     template (gateway_plugin.headers.ratelimit_templates). Compiled, an f-string of up to three
     figures is one allocation of the final length (less than half of what `%` formatting or a
-    join costs); more figures, or a template that does not fit them, take the join."""
+    join costs); more figures take the join."""
     n = len(figures)
-    if len(pieces) == n + 1:
-        if n == 3:
-            p = pieces
-            f = figures
-            return f"{p[0]}{f[0]}{p[1]}{f[1]}{p[2]}{f[2]}{p[3]}"
-        if n == 2:
-            return f"{pieces[0]}{figures[0]}{pieces[1]}{figures[1]}{pieces[2]}"
-        if n == 1:
-            return f"{pieces[0]}{figures[0]}{pieces[1]}"
-    out = [pieces[0]]
-    for i, figure in enumerate(figures):
+    if len(pieces) != n + 1:
+        raise ValueError(f"a template of {len(pieces)} pieces takes {len(pieces) - 1} figures")
+    p = pieces
+    f = figures
+    if n == 3:
+        return f"{p[0]}{f[0]}{p[1]}{f[1]}{p[2]}{f[2]}{p[3]}"
+    if n == 2:
+        return f"{p[0]}{f[0]}{p[1]}{f[1]}{p[2]}"
+    if n == 1:
+        return f"{p[0]}{f[0]}{p[1]}"
+    out = [p[0]]
+    for i, figure in enumerate(f):
         out.append(str(figure))
-        out.append(pieces[i + 1])
+        out.append(p[i + 1])
     return "".join(out)
 
 

@@ -96,14 +96,11 @@ def ratelimit_templates(defs: QuotaDefs) -> tuple[str, tuple[str, ...]]:
     headers with these instead of building QuotaStatus values."""
     policy = ", ".join([_policy_item(*d) for d in defs])
     pieces: list[str] = []
-    text = ""
     for name, kind, _, _ in defs:
-        text += f"{', ' if pieces else ''}{_quoted(name)};{P_REMAINING}="
-        pieces.append(text)
-        text = ""
+        pieces.append(f"{', ' if pieces else ''}{_quoted(name)};{P_REMAINING}=")
         if kind is not QuotaKind.CONCURRENCY:
             pieces.append(f";{P_RESET}=")
-    pieces.append(text)
+    pieces.append("")
     return policy, tuple(pieces)
 
 

@@ -184,9 +184,7 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     """Adds the RateLimit / warning headers to an admitted request's response (signal): the
     handler's, streamed or returned, one an outer middleware put in its place, or aiohttp's
     500 for an exception."""
-    handle = CURRENT.get()
-    if handle is None or not handle.admitted(request):
-        handle = handle_of(request)  # not the request admitted in this task: look it up
+    handle = handle_of(request)
     if handle is not None:
         hdr.apply_admitted(response.headers, handle.decision)
         handle.prepared()

@@ -214,14 +214,9 @@ def canonical_paths_middleware(cfg: ProxyConfig) -> Middleware:
             )
         if target is url:
             return await handler(request)
-        clone = request.clone(rel_url=target)
-        try:
-            return await handler(clone)
-        finally:
-            # aiohttp prepares a response the handler returned unprepared (or an HTTPException
-            # it raised) with the original request: on_response_prepare must find the state the
-            # plugin put on the clone (the usage handle) there too.
-            request.update(clone)
+        # A response the handler returns unprepared is prepared with the original request:
+        # the plugin finds the clone's usage handle from it (gateway_plugin.handle.handle_of).
+        return await handler(request.clone(rel_url=target))
 
     return canonical_paths
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 import http_sfv
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
@@ -71,6 +72,13 @@ def test_rendered_headers_equal_the_quota_status_rendering(
         parsed = http_sfv.List()
         parsed.parse(value.encode())
         assert len(parsed) == len(layout)
+
+
+def test_a_template_and_figures_that_do_not_fit_are_refused() -> None:
+    _, template = hdr.ratelimit_templates((("requests", QuotaKind.RATE, 600, 60),))
+    assert fill_ratelimit(template, (599, 1)) == '"requests";r=599;t=1'
+    with pytest.raises(ValueError, match="takes 2 figures"):
+        fill_ratelimit(template, (599,))
 
 
 def test_lazy_quotas_equal_eager_ones_and_headers_use_the_rendering() -> None:
