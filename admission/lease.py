@@ -148,6 +148,36 @@ class _Quota:
         return self.free if self.kind is _RATE else self.pool - self.inflight
 
 
+class _Sums:
+    """Commits of one route and meter not yet sent to Redis: the sums of the open outbox
+    event, and the events closed before it. A commit that would take a sum past MAX_AMOUNT
+    (what the authority takes in one event) closes the open event: each stays valid. The
+    sums are fields, not list items: adding to a field boxes no integer."""
+
+    __slots__ = ("amount", "closed", "count", "held")
+
+    def __init__(self, amount: int, held: int) -> None:
+        self.amount = amount
+        self.held = held
+        self.count = 1
+        self.closed: list[tuple[int, int, int]] = []
+
+    def add(self, amount: int, held: int) -> None:
+        if self.amount + amount > MAX_AMOUNT or self.held + held > MAX_AMOUNT:
+            self.closed.append((self.amount, self.held, self.count))
+            self.amount = amount
+            self.held = held
+            self.count = 1
+        else:
+            self.amount += amount
+            self.held += held
+            self.count += 1
+
+    def events(self) -> list[tuple[int, int, int]]:
+        """(amount, held, count) of each event, in the order they were opened."""
+        return [*self.closed, (self.amount, self.held, self.count)]
+
+
 class LocalLease:
     """This process's lease of one project (see the module docstring)."""
 
@@ -194,13 +224,12 @@ class LocalLease:
         self.admitted = 0  # credits held since the last send (demand estimate)
         self.need = 0
         self.need_sum = 0
-        # (route, meter) -> [amount, held, count, ...]: commits not yet sent to Redis, one
-        # triple per outbox event. A sum that would pass MAX_AMOUNT (what the authority takes
-        # in one event) opens a new triple: each triple stays a valid event.
-        self.pending: dict[tuple[str, str], list[int]] = {}
+        # (route, meter) -> the commits not yet sent to Redis (one outbox event or more).
+        self.pending: dict[tuple[str, str], _Sums] = {}
         self.quotas: dict[str, _Quota] = {}
-        # id(route) -> its quotas here, resolved and rendered; cleared by every reply.
-        self.views: dict[int, _View] = {}
+        # route name -> its quotas here, resolved and rendered; cleared by every reply. The
+        # view's route is checked: another Route object of the same name builds a new view.
+        self.views: dict[str, _View] = {}
         self.state = WalletState.UNSPECIFIED
         self.low_room = 0  # LOW while more than this is in flight here (LeaseResult) ...
         self.spent = 0  # ... or committed here since the sync that said so
@@ -361,7 +390,7 @@ class LeaseAdmitter:
         lease = self._leases.get(project_id)
         if lease is None or not lease.synced or lease.closing:
             return None
-        view = lease.views.get(id(route))
+        view = lease.views.get(route.name)
         if view is None or view.spec.route is not route:
             spec = self._spec(route)
             if spec.problem is not None:
@@ -403,7 +432,7 @@ class LeaseAdmitter:
         view = _View(spec, tuple(quotas))
         if self._templates is not None:
             view.policy, view.fmt = self._templates(view.defs)
-        lease.views[id(spec.route)] = view
+        lease.views[spec.route.name] = view
         return view
 
     async def admit(self, route: Route, project_id: str) -> Decision:
@@ -526,7 +555,7 @@ class LeaseAdmitter:
                 if reason is Reason.SETTLEMENT_BACKLOG
                 else s.credit_retry_after_seconds
             )
-        view = lease.views.get(id(route))
+        view = lease.views.get(route.name)
         if view is None or view.spec is not spec:
             view = self._view(lease, spec)
             if view is None:
@@ -695,9 +724,23 @@ class LeaseAdmitter:
             )
         return Decision(False, reason, project_id, retry_after_seconds=retry, detail=detail)
 
-    def end(self, hold: Hold, commit: bool, amount: int | None = None) -> SettleOutcome:
-        """End a request's local hold: commit `amount` (None: the held amount) or release."""
-        charge = (hold.amount if amount is None else amount) if commit else 0
+    def end(self, hold: Hold, commit: bool, amount: object = None) -> SettleOutcome:
+        """End a request's local hold: commit `amount` (None: the held amount) or release.
+
+        A commit of anything but an int (a bool, a float) releases the hold and answers
+        INVALID. Typed `object`, checked here: compiled, a parameter typed int would turn a
+        bool into 1 and refuse a float with TypeError before this method could answer.
+        """
+        if not commit:
+            charge = 0
+        elif amount is None:
+            charge = hold.amount
+        elif type(amount) is int:
+            charge = amount
+        else:
+            released = self.end_local(hold, False, 0)
+            detail = f"bad commit amount {amount!r}"
+            return released or SettleOutcome(False, "INVALID", detail=detail)
         outcome = self.end_local(hold, commit, charge)
         if outcome is not None:
             return outcome
@@ -707,7 +750,8 @@ class LeaseAdmitter:
 
     def end_local(self, hold: Hold, commit: bool, amount: int) -> SettleOutcome | None:
         """end() for the middleware: None when the hold ended as asked (commit `amount`, or
-        release), else the outcome saying what happened instead."""
+        release), else the outcome saying what happened instead. `amount` is an int (end()
+        and UsageHandle.report check the type; checking it here would box it, compiled)."""
         lease = self._by_id.get(hold.hold_id)
         if lease is None:
             return SettleOutcome(False, "UNKNOWN", detail="no such lease in this process")
@@ -716,7 +760,7 @@ class LeaseAdmitter:
         outcome = None
         if commit:
             charge = amount
-            if type(charge) is not int or not 0 <= charge <= MAX_AMOUNT:
+            if not 0 <= charge <= MAX_AMOUNT:
                 charge = 0
                 outcome = SettleOutcome(False, "INVALID", detail=f"bad commit amount {amount!r}")
             elif charge > held and not hold.allow_overage:
@@ -733,17 +777,11 @@ class LeaseAdmitter:
         if charge > 0:
             lease.spent += charge
             key = (hold.route, hold.meter)
-            p = lease.pending.get(key)
-            if p is None:
-                lease.pending[key] = [charge, held, 1]
+            sums = lease.pending.get(key)
+            if sums is None:
+                lease.pending[key] = _Sums(charge, held)
             else:
-                last = len(p) - 3
-                if p[last] + charge > MAX_AMOUNT or p[last + 1] + held > MAX_AMOUNT:
-                    p.extend((charge, held, 1))
-                else:
-                    p[last] += charge
-                    p[last + 1] += held
-                    p[last + 2] += 1
+                sums.add(charge, held)
         for name in hold.counters:
             q = lease.quotas.get(name)
             if q is not None and q.kind is _CONC and q.inflight > 0:
@@ -932,8 +970,7 @@ class LeaseAdmitter:
         seq = lease.seq
         events: list[LeaseEvent] = []
         for (route, meter), sums in lease.pending.items():
-            for j in range(0, len(sums), 3):
-                amount, held, count = sums[j], sums[j + 1], sums[j + 2]
+            for amount, held, count in sums.events():
                 eid = f"{lease.lease_id}.{seq}.{len(events)}"
                 events.append(LeaseEvent(eid, amount, held, count, meter, route))
         lease.pending = {}
@@ -1222,9 +1259,9 @@ def _unsent(lease: LocalLease) -> tuple[int, int]:
     (re-sent as is)."""
     count = credits = 0
     for sums in lease.pending.values():
-        for j in range(0, len(sums), 3):
-            credits += sums[j]
-            count += sums[j + 2]
+        for amount, _, n in sums.events():
+            credits += amount
+            count += n
     ops = [] if lease.retry_op is None else [lease.retry_op]
     if lease.in_flight is not None and lease.in_flight is not lease.retry_op:  # a re-send
         ops.append(lease.in_flight)

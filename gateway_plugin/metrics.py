@@ -240,39 +240,29 @@ class GatewayMetrics:
         for fold in self._folds:
             fold()
         hot = self.hot
-        for counts, admitted in ((hot.admitted, True), (hot.denied, False)):
-            if counts:
-                for reason, n in counts.items():
-                    if n:
-                        self.decision(admitted, reason).inc(n)
-                counts.clear()
-        latency = hot.latency
+        for admitted, reason, n in hot.take_decisions():
+            self.decision(admitted, reason).inc(n)
+        latency, latency_sum = hot.take_latency()
         if any(latency):
             values = self._bucket_values
             if values is not None:
                 for i, n in enumerate(latency):
                     if n:
                         values[i].inc(n)
-                self.admission_duration._sum.inc(hot.latency_sum)
+                self.admission_duration._sum.inc(latency_sum)
             else:
                 bounds = (*ADMISSION_BUCKETS, ADMISSION_BUCKETS[-1] * 2)
                 for i, n in enumerate(latency):
                     for _ in range(n):
                         self.admission_duration.observe(bounds[i])
-            for i in range(len(latency)):
-                latency[i] = 0
-            hot.latency_sum = 0.0
         if hot.commits:
             self.commit_ok.inc(hot.commits)
             hot.commits = 0
         if hot.releases:
             self.release_ok.inc(hot.releases)
             hot.releases = 0
-        if hot.credits:
-            for meter, amount in hot.credits.items():
-                if amount:
-                    self.credits(meter).inc(amount)
-            hot.credits.clear()
+        for meter, amount in hot.take_credits():
+            self.credits(meter).inc(amount)
 
     def decision(self, admitted: bool, reason: Reason) -> Counter:
         key = (admitted, reason)

@@ -165,7 +165,32 @@ def test_folded_counts_equal_per_request_observations() -> None:
     assert _exported(registry, "creditgate_committed_credits_total", {"meter": "m"}) == 24
     # Folding zeroed the plain counts: a second scrape counts nothing twice.
     assert _exported(registry, f"{name}_count", {}) == len(LATENCIES)
-    assert not any(metrics.hot.latency) and not metrics.hot.admitted
+    assert not any(metrics.hot.latency_counts()) and not metrics.hot.take_decisions()
+
+
+def test_counts_kept_from_one_fold_to_the_next_add_up_exactly() -> None:
+    """The counting cells outlive a fold (zeroed, not replaced): counts recorded after it,
+    for reasons and meters seen before and new ones, are folded once each."""
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    for round_no in range(3):
+        _record(metrics, LATENCIES)
+        metrics.hot.decided(False, Reason.RATE_LIMITED)
+        metrics.hot.ended(True, f"meter-{round_no}", 5)
+        metrics.fold()
+    decisions = "creditgate_decisions_total"
+    assert _exported(registry, decisions, {"outcome": "admitted", "reason": "admitted"}) == 24
+    assert _exported(registry, decisions, {"outcome": "denied", "reason": "rate-limited"}) == 6
+    credits = "creditgate_committed_credits_total"
+    assert _exported(registry, credits, {"meter": "m"}) == 3 * 24
+    for round_no in range(3):
+        assert _exported(registry, credits, {"meter": f"meter-{round_no}"}) == 5
+    name = "creditgate_admission_duration_seconds"
+    assert _exported(registry, f"{name}_count", {}) == 3 * len(LATENCIES)
+    assert _exported(registry, f"{name}_sum", {}) == pytest.approx(3 * sum(LATENCIES))
+    settled = {"action": "commit", "result": "ok"}
+    assert _exported(registry, "creditgate_settlements_total", settled) == 3 * 9
+    assert metrics.hot.take_decisions() == [] and metrics.hot.take_credits() == []
 
 
 def test_a_collect_on_another_thread_does_not_fold() -> None:
@@ -181,7 +206,7 @@ def test_a_collect_on_another_thread_does_not_fold() -> None:
     other.start()
     other.join()
     assert seen == [0.0]  # the counts stay with the loop's thread until it folds
-    assert sum(metrics.hot.latency) == len(LATENCIES)
+    assert sum(metrics.hot.latency_counts()) == len(LATENCIES)
     metrics.fold()
     assert _exported(registry, "creditgate_admission_duration_seconds_count", {}) == len(LATENCIES)
 

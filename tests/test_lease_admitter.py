@@ -276,6 +276,30 @@ async def test_overage_commit_and_release(
     assert sum(int(e[keys.E_QUANTITY]) for e in events) == 2
 
 
+async def test_a_commit_of_a_bad_amount_releases_the_hold_and_says_so(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    """A bool, a float, a negative or an oversized amount charges nothing: the hold is
+    released and the outcome is INVALID (the same compiled and as Python source)."""
+    leases = gateways()
+    p = project(filler, snap=1000)
+    tokens = route(policy, "tokens")
+    for bad in (True, 2.0, -1, MAX_AMOUNT + 1):
+        hold = (await admit(leases, tokens, p)).hold
+        assert hold is not None
+        outcome = leases.end(hold, True, bad)
+        assert (outcome.ok, outcome.state, outcome.amount) == (False, "INVALID", 0), bad
+        assert repr(bad) in outcome.detail
+    good = (await admit(leases, tokens, p)).hold
+    assert good is not None
+    assert leases.end(good, True, 7).amount == 7
+    await leases.aclose()
+    w = await wallet_of(rclient, p, 4)
+    assert w["held"] == 0 and w["uns"] == 7
+    events = [e for e in await outbox_events(rclient, p, 4) if e[keys.E_KIND] == "COMMIT"]
+    assert [int(e[keys.E_AMOUNT]) for e in events] == [7]
+
+
 async def test_commits_summed_past_what_one_event_may_carry_are_split(
     gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
 ) -> None:
