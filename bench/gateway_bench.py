@@ -9,8 +9,9 @@ server alike. Run:
     python bench/gateway_bench.py [--seconds 10] [--connections 50] [--servers bare,plugin,...]
 
 Servers: bare (trivial handler); three that do no admission work and add the plugin's two
-RateLimit headers: null-wrap (the route handler wrapped, as setup() does), null-mw (a
-middleware instead), null-plugin (a pass-through middleware and a response-prepare hook);
+RateLimit headers: null-wrap (the route handler wrapped, as setup() does), null-hook (a
+response-prepare hook, as setup() adds for streamed responses), null-mw (a middleware
+instead), null-plugin (a pass-through middleware and a response-prepare hook);
 plugin (setup() in lease mode, the default: one credit hold +
 one rate quota + one concurrency quota per request, flusher running), plugin-hold (the same in
 hold mode: one admit and one settle script operation per request, batched per tick),
@@ -94,6 +95,7 @@ SERVERS = (
     "bare",
     "null-plugin",
     "null-wrap",
+    "null-hook",
     "null-mw",
     "plugin",
     "plugin-hold",
@@ -151,6 +153,21 @@ def serve_null_plugin(args: argparse.Namespace) -> None:
         response.headers[hdr.RATELIMIT] = NULL_RATELIMIT_HEADER
 
     app = web.Application(middlewares=[passthrough])
+    app.on_response_prepare.append(add_headers)
+    app.router.add_get("/work", _ok)
+    _serve(app, args)
+
+
+def serve_null_hook(args: argparse.Namespace) -> None:
+    """bare with a response-prepare hook adding the two RateLimit headers, as the plugin's
+    hook does (no middleware, no wrapper)."""
+    from gateway_plugin import headers as hdr
+
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[hdr.RATELIMIT_POLICY] = NULL_POLICY_HEADER
+        response.headers[hdr.RATELIMIT] = NULL_RATELIMIT_HEADER
+
+    app = web.Application()
     app.on_response_prepare.append(add_headers)
     app.router.add_get("/work", _ok)
     _serve(app, args)
@@ -807,7 +824,7 @@ def _report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> Non
         for name, ratios in spread.items():
             q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
             print(
-                f"  {name:<18}{ratios[0]:.2f}  {q1:.2f} {q2:.2f} {q3:.2f}  {ratios[-1]:.2f}"
+                f"  {name:<20}{ratios[0]:.2f}  {q1:.2f} {q2:.2f} {q3:.2f}  {ratios[-1]:.2f}"
                 f"   ({len(ratios)} rounds)"
             )
 
@@ -844,6 +861,7 @@ def main(argv: list[str] | None = None) -> None:
         "bare": serve_bare,
         "null-plugin": serve_null_plugin,
         "null-wrap": serve_null_wrap,
+        "null-hook": serve_null_hook,
         "null-mw": serve_null_mw,
         "plugin": serve_plugin,
         "plugin-hold": serve_plugin_hold,

@@ -36,7 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gateway_bench as gb  # bench/gateway_bench.py, beside this script: its server modes
 
-SERVERS = ("bare", "null-wrap", "null-plugin", "plugin-no-flusher", "plugin")
+SERVERS = (
+    "bare",
+    "null-wrap",
+    "null-hook",
+    "null-mw",
+    "null-plugin",
+    "plugin-no-flusher",
+    "plugin",
+)
 SYNC_MS = 5000
 
 
