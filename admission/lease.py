@@ -728,8 +728,9 @@ class LeaseAdmitter:
         """End a request's local hold: commit `amount` (None: the held amount) or release.
 
         A commit of anything but an int (a bool, a float) releases the hold and answers
-        INVALID. Typed `object`, checked here: compiled, a parameter typed int would turn a
-        bool into 1 and refuse a float with TypeError before this method could answer.
+        INVALID (UNKNOWN if the hold's lease is not in this process). Typed `object`, checked
+        here: compiled, a parameter typed int would turn a bool into 1 and refuse a float with
+        TypeError before this method could answer.
         """
         if not commit:
             charge = 0
@@ -750,8 +751,7 @@ class LeaseAdmitter:
 
     def end_local(self, hold: Hold, commit: bool, amount: int) -> SettleOutcome | None:
         """end() for the middleware: None when the hold ended as asked (commit `amount`, or
-        release), else the outcome saying what happened instead. `amount` is an int (end()
-        and UsageHandle.report check the type; checking it here would box it, compiled)."""
+        release), else the outcome saying what happened instead."""
         lease = self._by_id.get(hold.hold_id)
         if lease is None:
             return SettleOutcome(False, "UNKNOWN", detail="no such lease in this process")
@@ -760,7 +760,9 @@ class LeaseAdmitter:
         outcome = None
         if commit:
             charge = amount
-            if not 0 <= charge <= MAX_AMOUNT:
+            # The type too: run as source, a bool or a float would pass the range check and
+            # then make every sync of the lease fail in the script.
+            if type(charge) is not int or not 0 <= charge <= MAX_AMOUNT:
                 charge = 0
                 outcome = SettleOutcome(False, "INVALID", detail=f"bad commit amount {amount!r}")
             elif charge > held and not hold.allow_overage:

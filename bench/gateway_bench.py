@@ -8,10 +8,11 @@ server alike. Run:
 
     python bench/gateway_bench.py [--seconds 10] [--connections 50] [--servers bare,plugin,...]
 
-Servers: bare (trivial handler); three that do no admission work and add the plugin's two
+Servers: bare (trivial handler); four that do no admission work and add the plugin's two
 RateLimit headers: null-wrap (the route handler wrapped, as setup() does), null-hook (a
-response-prepare hook, as setup() adds for streamed responses), null-mw (a middleware
-instead), null-plugin (a pass-through middleware and a response-prepare hook);
+response-prepare hook, which setup() adds to put the headers on every admitted response),
+null-mw (a middleware instead), null-plugin (a pass-through middleware and a response-prepare
+hook);
 plugin (setup() in lease mode, the default: one credit hold +
 one rate quota + one concurrency quota per request, flusher running), plugin-hold (the same in
 hold mode: one admit and one settle script operation per request, batched per tick),
@@ -160,7 +161,7 @@ def serve_null_plugin(args: argparse.Namespace) -> None:
 
 def serve_null_hook(args: argparse.Namespace) -> None:
     """bare with a response-prepare hook adding the two RateLimit headers, as the plugin's
-    hook does (no middleware, no wrapper)."""
+    hook does for every admitted response (no middleware, no wrapper)."""
     from gateway_plugin import headers as hdr
 
     async def add_headers(request: web.Request, response: web.StreamResponse) -> None:

@@ -5,10 +5,11 @@ zeroes them: prometheus-client takes a lock for every inc() and observe(), and f
 per request cost more than the admission decision itself. Compiled with the middleware
 (admission.native), each count is a field of a C struct rather than an attribute lookup.
 
-Every count lives in a `Tally`, a one-field object kept from one fold to the next: adding to
-it changes a C integer in place. A count kept as a Python int in a dict or a list would be
-replaced by a new int object at every request once it passes 256 (the small-int cache): an
-allocation and a free per count per request.
+A count is a field of HotCounts (admissions, commits, releases, the latency sum), or, where
+counts are kept per reason, per meter or per latency bucket, a `Tally`: a one-field object
+kept from one fold to the next. Adding to either changes a C integer in place. A count kept
+as a Python int in a dict or a list would be replaced by a new int object at every request
+once it passes 256 (the small-int cache): an allocation and a free per count per request.
 """
 
 from __future__ import annotations

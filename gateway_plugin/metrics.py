@@ -4,7 +4,7 @@ Per-project series exist only for an allow-list plus the top-N projects by decis
 space-saving sketch), so cardinality stays bounded whatever the traffic.
 
 The per-request figures (decisions, admission latency, commits and releases) are counted as
-plain integers in `gateway_plugin.hot.HotCounts` and folded into the Prometheus metrics:
+C integers in `gateway_plugin.hot.HotCounts` (compiled) and folded into the Prometheus metrics:
 prometheus-client takes a lock for every inc() and observe(), and four of them per request
 cost more than the admission decision itself. See `HotCounts` for when a fold happens.
 """

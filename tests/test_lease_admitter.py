@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from admission import keys
+from admission import keys, native
 from admission.decision import Decision, QuotaKind, Reason, WalletState
 from admission.engine import AdmissionEngine
 from admission.lease import LeaseAdmitter, LocalLease
@@ -298,6 +298,35 @@ async def test_a_commit_of_a_bad_amount_releases_the_hold_and_says_so(
     assert w["held"] == 0 and w["uns"] == 7
     events = [e for e in await outbox_events(rclient, p, 4) if e[keys.E_KIND] == "COMMIT"]
     assert [int(e[keys.E_AMOUNT]) for e in events] == [7]
+
+
+async def test_end_local_takes_no_commit_that_is_not_an_int(
+    gateways: Factory, policy: Policy, filler: DictFiller, rclient: aioredis.Redis
+) -> None:
+    """end_local (the middleware's path) never takes a float: compiled, its int parameter
+    refuses it with TypeError; run as source, its own check answers INVALID. A float that got
+    through would make every later sync of the lease fail in the script: a good commit after
+    it still reaches the outbox."""
+    leases = gateways()
+    p = project(filler, snap=1000)
+    tokens = route(policy, "tokens")
+    hold = (await admit(leases, tokens, p)).hold
+    assert hold is not None
+    if native.status().compiled:
+        with pytest.raises(TypeError):
+            leases.end_local(hold, True, 2.0)  # type: ignore[arg-type]
+        assert leases.end_local(hold, False, 0) is None
+    else:
+        outcome = leases.end_local(hold, True, 2.0)  # type: ignore[arg-type]
+        assert outcome is not None and (outcome.ok, outcome.state) == (False, "INVALID")
+    good = (await admit(leases, tokens, p)).hold
+    assert good is not None
+    assert leases.end_local(good, True, 7) is None
+    assert await leases.flush(5.0)
+    await leases.aclose()
+    events = [e for e in await outbox_events(rclient, p, 4) if e[keys.E_KIND] == "COMMIT"]
+    assert [int(e[keys.E_AMOUNT]) for e in events] == [7]
+    assert (await wallet_of(rclient, p, 4))["held"] == 0
 
 
 async def test_commits_summed_past_what_one_event_may_carry_are_split(
