@@ -367,6 +367,34 @@ def run_load(args: argparse.Namespace) -> None:
 _WRK_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
+def wrk_output(
+    url: str,
+    token: str,
+    connections: int,
+    seconds: float,
+    *options: str,
+    prefix: list[str] = [],  # noqa: B006
+) -> str:
+    """wrk's report of one run: one thread, `connections` connections, the bench's API key;
+    `prefix` goes in front of the command (taskset)."""
+    return subprocess.run(
+        [
+            *prefix,
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{int(seconds)}s",
+            *options,
+            "-H",
+            f"Authorization: Bearer {token}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 def _wrk(
     url: str,
     token: str,
@@ -381,23 +409,7 @@ def _wrk(
         path = Path(tempfile.gettempdir()) / f"cg-bench-delay-{delay_ms}.lua"
         path.write_text(f"function delay()\n  return {delay_ms}\nend\n")
         script = ["-s", str(path)]
-    out = subprocess.run(
-        [
-            *pin,
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{int(seconds)}s",
-            "--latency",
-            *script,
-            "-H",
-            f"Authorization: Bearer {token}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = wrk_output(url, token, connections, seconds, "--latency", *script, prefix=pin)
 
     def latency(label: str) -> float:
         m = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -487,11 +499,12 @@ def _cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], wait_s: float = 30) -> None:
+    """SIGINT (a graceful stop), then SIGKILL after `wait_s`."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(30)
+            proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)

@@ -29,7 +29,6 @@ import asyncio
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -62,20 +61,7 @@ def _totals(out: Path) -> int:
 
 
 def _wrk(url: str, token: str, connections: int, seconds: int) -> int:
-    out = subprocess.run(
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{seconds}s",
-            "-H",
-            f"Authorization: Bearer {token}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = gb.wrk_output(url, token, connections, seconds)
     m = re.search(r"(\d+) requests in", out)
     if m is None:
         raise RuntimeError(f"no request count in wrk's output:\n{out}")
@@ -123,12 +109,7 @@ def count(
             ["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True
         )
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        gb._stop(proc, wait_s=120)  # callgrind writes its file as the server exits
     instructions = _totals(out)
     if instructions == 0 or requests == 0:
         raise RuntimeError(f"{mode}: callgrind counted nothing (did the server have to be killed?)")
