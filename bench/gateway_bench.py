@@ -139,39 +139,35 @@ def serve_bare(args: argparse.Namespace) -> None:
     _serve(app, args)
 
 
+def _hooked_app(middlewares: list[Any]) -> web.Application:
+    """bare's app plus a response-prepare hook adding the two RateLimit headers (fixed values
+    of the plugin's length), as the plugin's hook does for every admitted response."""
+    from gateway_plugin import headers as hdr
+
+    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[hdr.RATELIMIT_POLICY] = NULL_POLICY_HEADER
+        response.headers[hdr.RATELIMIT] = NULL_RATELIMIT_HEADER
+
+    app = web.Application(middlewares=middlewares)
+    app.on_response_prepare.append(add_headers)
+    app.router.add_get("/work", _ok)
+    return app
+
+
 def serve_null_plugin(args: argparse.Namespace) -> None:
     """bare plus what aiohttp charges any plugin of this shape before it does any work: a
-    pass-through middleware and a response-prepare hook adding the two RateLimit headers
-    (fixed values of the plugin's length)."""
-    from gateway_plugin import headers as hdr
+    pass-through middleware and the response-prepare hook."""
 
     @web.middleware
     async def passthrough(request: web.Request, handler: Any) -> web.StreamResponse:
         return await handler(request)
 
-    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[hdr.RATELIMIT_POLICY] = NULL_POLICY_HEADER
-        response.headers[hdr.RATELIMIT] = NULL_RATELIMIT_HEADER
-
-    app = web.Application(middlewares=[passthrough])
-    app.on_response_prepare.append(add_headers)
-    app.router.add_get("/work", _ok)
-    _serve(app, args)
+    _serve(_hooked_app([passthrough]), args)
 
 
 def serve_null_hook(args: argparse.Namespace) -> None:
-    """bare with a response-prepare hook adding the two RateLimit headers, as the plugin's
-    hook does for every admitted response (no middleware, no wrapper)."""
-    from gateway_plugin import headers as hdr
-
-    async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[hdr.RATELIMIT_POLICY] = NULL_POLICY_HEADER
-        response.headers[hdr.RATELIMIT] = NULL_RATELIMIT_HEADER
-
-    app = web.Application()
-    app.on_response_prepare.append(add_headers)
-    app.router.add_get("/work", _ok)
-    _serve(app, args)
+    """bare with the response-prepare hook only (no middleware, no wrapper)."""
+    _serve(_hooked_app([]), args)
 
 
 def serve_null_wrap(args: argparse.Namespace) -> None:

@@ -14,7 +14,11 @@ once it passes 256 (the small-int cache): an allocation and a free per count per
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from admission.decision import Reason
+
+K = TypeVar("K")  # a Reason or a meter name
 
 _ADMITTED = Reason.ADMITTED
 
@@ -28,7 +32,7 @@ class Tally:
         self.n = 0
 
 
-def _tally(counts: dict[str, Tally], key: str) -> Tally:
+def _tally(counts: dict[K, Tally], key: K) -> Tally:
     """counts[key], made at the first use of `key`."""
     tally = counts.get(key)
     if tally is None:
@@ -50,9 +54,9 @@ class HotCounts:
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds  # upper bounds of the admission latency buckets, ascending
         self.admissions = 0  # admitted with Reason.ADMITTED, the common case
-        # Other decisions per reason (a Reason is a str): admitted ones and denied ones.
-        self._admitted: dict[str, Tally] = {}
-        self._denied: dict[str, Tally] = {}
+        # Other decisions per reason: admitted ones and denied ones.
+        self._admitted: dict[Reason, Tally] = {}
+        self._denied: dict[Reason, Tally] = {}
         # Admission latency: count per bucket of `bounds` (index len(bounds) is +Inf).
         self._latency = [Tally() for _ in range(len(bounds) + 1)]
         self.latency_sum = 0.0
@@ -108,7 +112,7 @@ class HotCounts:
         for admitted, counts in ((True, self._admitted), (False, self._denied)):
             for reason, tally in counts.items():
                 if tally.n:
-                    out.append((admitted, Reason(reason), tally.n))
+                    out.append((admitted, reason, tally.n))
                     tally.n = 0
         return out
 
