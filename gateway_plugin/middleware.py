@@ -1,10 +1,12 @@
 """Admission around a route handler: route -> identity -> admit -> handler -> commit or release.
 
 setup() puts it in front of each route's handler when the app starts, as
-functools.partial(admit, handler) (gateway_plugin.plugin._protect), instead of installing it as
-a middleware, whose layer alone cost 10-13% of a trivial request's throughput. The handler
-comes first: a partial with a positional argument is called through vectorcall, one with a
-keyword argument builds a tuple and a dict per request.
+functools.partial(admit, fixed, handler) (gateway_plugin.plugin._protect), instead of
+installing it as a middleware, whose layer alone cost 10-13% of a trivial request's
+throughput. The request comes last: a partial with positional arguments is called through
+vectorcall, one with a keyword argument builds a tuple and a dict per request. `fixed` is the
+policy route when the aiohttp route decides it (one path, one method): such a request skips
+reading its path and method and matching them.
 
 Theory of operation. A request whose route the policy does not name passes (or is denied when
 `settings.unmatched = "deny"`). Otherwise the caller is identified and the engine decides; a
@@ -40,7 +42,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from admission.decision import Decision, Hold, Reason, SettleOutcome
-from admission.policy import ambiguous_route
+from admission.policy import Route, ambiguous_route
 from gateway_plugin import headers as hdr
 from gateway_plugin.handle import CURRENT, USAGE_KEY, UsageHandle, handle_of
 from gateway_plugin.hot import HotCounts
@@ -67,8 +69,10 @@ _NOT_STARTED = Decision(
 _identity_denials = {r: Decision(admitted=False, reason=r) for r in Reason}
 
 
-# admit(handler, request): the request admitted, handled by `handler`, its hold ended.
-Admit = Callable[[Handler, web.Request], Awaitable[web.StreamResponse]]
+# admit(fixed, handler, request): the request admitted, handled by `handler`, its hold ended;
+# `fixed` is the policy route of every request of an aiohttp route with one path and one
+# method (found once when the app starts), None to match each request's path.
+Admit = Callable[[Route | None, Handler, web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_admit(state: GatewayState) -> Admit:
@@ -87,33 +91,45 @@ def make_admit(state: GatewayState) -> Admit:
     perf = time.perf_counter
     set_current = CURRENT.set
 
-    async def creditgate_admit(handler: Handler, request: web.Request) -> web.StreamResponse:
-        # SECURITY: the policy matches the path the router matched, `path_safe` (decoded except
-        # %2F and %25). The fully decoded `request.path` would turn /v1/a%2Fb, which the router
-        # gives to /v1/{model}, into /v1/a/b: a different policy route, or none (unmetered).
-        path = request.rel_url.path_safe
-        if statics:
-            static = statics.get(request.match_info.handler)
-            if static is not None:
-                # A static file is metered as the file it serves, however the URL spells it.
-                served = await served_path_async(static, request.match_info["filename"])
-                if served is not None:
-                    path = served
-        route = policy.match(request.method, path)
-        if ("/." in path or "//" in path) and ambiguous_route(policy, request.method, path, route):
-            return _deny(state, _ambiguous_path(path), request)
-        if route is None:
-            if unmatched_pass:
-                return await handler(request)
-            return _deny(
-                state,
-                Decision(
-                    admitted=False,
-                    reason=Reason.INVALID_REQUEST,
-                    detail=f"no admission route matches {request.method} {path}",
-                ),
-                request,
-            )
+    async def creditgate_admit(
+        fixed: Route | None, handler: Handler, request: web.Request
+    ) -> web.StreamResponse:
+        if fixed is not None:
+            # An aiohttp route with one path and one method: its policy route was found when
+            # the app started (gateway_plugin.plugin._protect), the path being the one the
+            # router matched.
+            route = fixed
+        else:
+            # SECURITY: the policy matches the path the router matched, `path_safe` (decoded
+            # except %2F and %25). The fully decoded `request.path` would turn /v1/a%2Fb,
+            # which the router gives to /v1/{model}, into /v1/a/b: a different policy route,
+            # or none (unmetered).
+            path = request.rel_url.path_safe
+            if statics:
+                static = statics.get(request.match_info.handler)
+                if static is not None:
+                    # A static file is metered as the file it serves, however the URL spells it.
+                    served = await served_path_async(static, request.match_info["filename"])
+                    if served is not None:
+                        path = served
+            matched = policy.match(request.method, path)
+            if ("/." in path or "//" in path) and ambiguous_route(
+                policy, request.method, path, matched
+            ):
+                return _deny(state, _ambiguous_path(path), request)
+            if matched is None:
+                if unmatched_pass:
+                    return await handler(request)
+                return _deny(
+                    state,
+                    Decision(
+                        admitted=False,
+                        reason=Reason.INVALID_REQUEST,
+                        detail=f"no admission route matches {request.method} {path}",
+                    ),
+                    request,
+                )
+            route = matched
         # Exempt handlers (metrics, the dashboard) are never wrapped: nothing to check here.
         started = perf()
         # The engine never raises for Redis or authority failures: it applies the route's

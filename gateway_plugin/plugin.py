@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from admission.decision import Reason
-from admission.policy import Policy, load_policy
+from admission.policy import Policy, Route, ambiguous_route, load_policy
 from gateway_plugin.config import GatewayConfig
 from gateway_plugin.headers import ratelimit_templates
 from gateway_plugin.metrics import GatewayMetrics, metrics_handler
@@ -196,28 +196,46 @@ def _protect(
             # AbstractRoute keeps its handler in `_handler` (aiohttp 3.x, pinned <4); the
             # router is frozen, the routes are not. tests/test_plugin.py checks that every
             # kind of route (function, view, static, sub-app) is admitted, once.
-            route._handler = _admitted(handler, admit)
+            route._handler = _admitted(handler, admit, _fixed_route(state.policy, resource, route))
+
+
+def _fixed_route(
+    policy: Policy, resource: web.AbstractResource, route: web.AbstractRoute
+) -> Route | None:
+    """The policy route of every request an aiohttp route can receive, when that is one: a
+    plain resource matches one path exactly (the router compares `rel_url.path_safe` with it)
+    and a route other than `*` one method. None for the rest (dynamic and static resources,
+    `*` routes, class-based views), a path the policy does not name, and a path with dot or
+    empty segments: their requests are matched one by one."""
+    if not isinstance(resource, web.PlainResource) or route.method == hdrs.METH_ANY:
+        return None
+    path = resource.canonical
+    matched = policy.match(route.method, path)
+    if ambiguous_route(policy, route.method, path, matched):
+        return None
+    return matched
 
 
 # Marks (and names the original of) a handler _protect wrapped.
 _WRAPS = "__creditgate_admits__"
 
 
-def _admitted(handler: Any, admit: Admit) -> Any:
+def _admitted(handler: Any, admit: Admit, fixed: Route | None = None) -> Any:
     """`handler` with admission in front, looking like `handler` to middlewares and to
     request.match_info.handler: a function keeps its name, docstring and attributes (a
-    decorator's marks), a class-based view stays a subclass of its class."""
+    decorator's marks), a class-based view stays a subclass of its class. `fixed`: the
+    policy route of all its requests, if known (_fixed_route)."""
     if isinstance(handler, type) and issubclass(handler, web.View):
         view: type[web.View] = handler
 
         async def _iter(self: web.View) -> web.StreamResponse:
-            return await admit(lambda _request: view._iter(self), self.request)
+            return await admit(fixed, lambda _request: view._iter(self), self.request)
 
         namespace = {"_iter": _iter, "__doc__": view.__doc__, "__module__": view.__module__}
         wrapped: Any = type(view.__name__, (view,), namespace)
         wrapped.__qualname__ = view.__qualname__
     else:
-        wrapped = functools.update_wrapper(functools.partial(admit, handler), handler)
+        wrapped = functools.update_wrapper(functools.partial(admit, fixed, handler), handler)
     setattr(wrapped, _WRAPS, handler)
     return wrapped
 

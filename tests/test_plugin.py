@@ -35,6 +35,7 @@ from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from gateway_plugin import GATEWAY_KEY, GatewayConfig, UsageError, problems, setup, usage
 from gateway_plugin.dashboard import DashboardConfig, setup_dashboard
 from gateway_plugin.metrics import ProjectDecisions
+from gateway_plugin.plugin import _fixed_route
 from gateway_plugin.problems import REDIS_UNAVAILABLE_DETAIL
 from tests.fixtures_gateway import (
     GATEWAY_POLICY,
@@ -713,6 +714,83 @@ async def test_a_cloned_request_keeps_its_handle_and_headers_stay_with_their_req
         "creditgate_committed_credits_total", {"meter": "requests"}
     )
     assert committed == 7
+
+
+async def test_a_rewritten_url_moves_no_fixed_route_and_is_what_a_dynamic_route_meters(
+    redis_url: str,
+    authority: AuthorityServer,
+    project_factory: ProjectFactory,
+) -> None:
+    """A middleware hands the handler a request for /free (no cost, the `requests` quota only).
+
+    /charged is a route with one path and one method: its policy route was fixed when the app
+    started, and its handler runs, so it is metered as `charged` (10 held, both quotas).
+    /v1/{model} is dynamic: matched by the path its handler gets, it is metered as `free`.
+    """
+    seen: list[tuple[str, int]] = []
+
+    @web.middleware
+    async def rewrite(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await handler(request.clone(rel_url=URL("/free")))
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append((request.path, usage(request).hold_amount))
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=[rewrite])
+    app.router.add_get("/charged", handle)
+    app.router.add_get("/v1/{model}", handle)
+    setup(app, _no_flusher_config(redis_url, authority))
+    _, secret = await project_factory(1000)
+    async with TestClient(TestServer(app)) as client:
+        fixed = await client.get("/charged", headers=bearer(secret))
+        assert fixed.status == 200, await fixed.text()
+        assert set(sf_list(fixed.headers["RateLimit-Policy"])) == {"requests", "concurrent"}
+        dynamic = await client.get("/v1/gpt", headers=bearer(secret))
+        assert dynamic.status == 200, await dynamic.text()
+        assert set(sf_list(dynamic.headers["RateLimit-Policy"])) == {"requests"}
+    assert seen == [("/free", 10), ("/free", 0)]
+
+
+def test_the_routes_whose_policy_route_is_fixed_when_the_app_starts(tmp_path: Path) -> None:
+    """Only a plain path with one method: aiohttp's router then hands the route exactly the
+    requests whose `rel_url.path_safe` is that path. A sub-app's routes carry its prefix
+    (/stream + /commit is the policy's /stream/commit)."""
+    policy = parse_policy(GATEWAY_POLICY, "test-policy.toml")
+    (tmp_path / "charged").write_text("x")
+    app = web.Application()
+    app.router.add_get("/charged", ok)
+    app.router.add_post("/reported", ok)
+    app.router.add_route("*", "/free", ok)
+    app.router.add_get("/{name}", ok)
+    app.router.add_get("/nowhere", ok)
+    app.router.add_get("/./charged", ok)
+    app.router.add_view("/slow", ChargedView)
+    app.router.add_static("/static", tmp_path)
+    sub = web.Application()
+    sub.router.add_get("/commit", ok)
+    app.add_subapp("/stream", sub)
+    app.freeze()
+
+    def fixed(resource: web.AbstractResource) -> dict[str, str | None]:
+        return {
+            route.method: getattr(_fixed_route(policy, resource, route), "name", None)
+            for route in resource
+        }
+
+    found = {r.canonical: fixed(r) for r in app.router.resources() if r.canonical != "/stream"}
+    assert found == {
+        "/charged": {"GET": "charged", "HEAD": "charged"},
+        "/reported": {"POST": "reported"},
+        "/free": {"*": None},  # any method: matched per request
+        "/{name}": {"GET": None, "HEAD": None},  # dynamic
+        "/nowhere": {"GET": None, "HEAD": None},  # the policy names no such route
+        "/./charged": {"GET": None, "HEAD": None},  # read two ways: refused per request
+        "/slow": {"*": None},  # a view takes every method
+        "/static": {"GET": None, "HEAD": None},
+    }
+    (subresource,) = sub.router.resources()
+    assert fixed(subresource) == {"GET": "stream-commit", "HEAD": "stream-commit"}
 
 
 async def test_a_response_prepared_in_another_requests_task_gets_its_own_headers(
