@@ -204,10 +204,11 @@ def _fixed_route(
 ) -> Route | None:
     """The policy route of every request an aiohttp route can receive, when that is one: a
     plain resource matches one path exactly (the router compares `rel_url.path_safe` with it)
-    and a route other than `*` one method. None for the rest (dynamic and static resources,
-    `*` routes, class-based views), a path the policy does not name, and a path with dot or
-    empty segments: their requests are matched one by one."""
-    if not isinstance(resource, web.PlainResource) or route.method == hdrs.METH_ANY:
+    and a route other than `*` one method (a class-based view added with add_view is a `*`
+    route). None for the rest (dynamic and static resources, `*` routes, a subclass of
+    PlainResource, which may match otherwise), a path the policy does not name, and a path
+    with dot or empty segments: their requests are matched one by one."""
+    if type(resource) is not web.PlainResource or route.method == hdrs.METH_ANY:
         return None
     path = resource.canonical
     matched = policy.match(route.method, path)

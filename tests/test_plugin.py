@@ -752,20 +752,67 @@ async def test_a_rewritten_url_moves_no_fixed_route_and_is_what_a_dynamic_route_
     assert seen == [("/free", 10), ("/free", 0)]
 
 
+FIXED_ROUTES_POLICY = """
+[settings]
+unmatched = "pass"
+
+[[routes]]
+name = "post-p"
+method = "POST"
+path = "/p"
+cost = 100
+
+[[routes]]
+name = "any-p"
+method = "*"
+path = "/p"
+
+[[routes]]
+name = "status"
+method = "GET"
+path = "/status/{code}"
+
+[[routes]]
+name = "api"
+method = "GET"
+path = "/api/**"
+
+[[routes]]
+name = "charged"
+method = "GET"
+path = "/charged"
+cost = 10
+
+[[routes]]
+name = "files"
+method = "GET"
+path = "/static"
+
+[[routes]]
+name = "stream-commit"
+method = "GET"
+path = "/stream/commit"
+"""
+
+
 def test_the_routes_whose_policy_route_is_fixed_when_the_app_starts(tmp_path: Path) -> None:
     """Only a plain path with one method: aiohttp's router then hands the route exactly the
-    requests whose `rel_url.path_safe` is that path. A sub-app's routes carry its prefix
-    (/stream + /commit is the policy's /stream/commit)."""
-    policy = parse_policy(GATEWAY_POLICY, "test-policy.toml")
-    (tmp_path / "charged").write_text("x")
+    requests whose `rel_url.path_safe` is that path and whose method is that method. A
+    sub-app's routes carry its prefix (/stream + /commit is the policy's /stream/commit).
+
+    Every other route here would get a wrong route if fixed, so each check is needed: the `*`
+    route on /p would be `any-p` for a POST that is `post-p`; the dynamic /status/{code} and
+    the static /static would be their literal paths' routes; /api/../charged would be `api`,
+    a path that resolves to /charged."""
+    policy = parse_policy(FIXED_ROUTES_POLICY, "test-policy.toml")
     app = web.Application()
+    app.router.add_route("POST", "/p", ChargedView)  # a view for one method: fixed
+    app.router.add_route("*", "/p", ok)
+    app.router.add_get("/status/{code}", ok)
+    app.router.add_get("/api/../charged", ok)
     app.router.add_get("/charged", ok)
-    app.router.add_post("/reported", ok)
-    app.router.add_route("*", "/free", ok)
-    app.router.add_get("/{name}", ok)
     app.router.add_get("/nowhere", ok)
-    app.router.add_get("/./charged", ok)
-    app.router.add_view("/slow", ChargedView)
+    app.router.add_view("/api/view", ChargedView)
     app.router.add_static("/static", tmp_path)
     sub = web.Application()
     sub.router.add_get("/commit", ok)
@@ -780,17 +827,23 @@ def test_the_routes_whose_policy_route_is_fixed_when_the_app_starts(tmp_path: Pa
 
     found = {r.canonical: fixed(r) for r in app.router.resources() if r.canonical != "/stream"}
     assert found == {
+        "/p": {"POST": "post-p", "*": None},  # any method: matched per request
+        "/status/{code}": {"GET": None, "HEAD": None},  # dynamic
+        "/api/../charged": {"GET": None, "HEAD": None},  # read two ways: refused per request
         "/charged": {"GET": "charged", "HEAD": "charged"},
-        "/reported": {"POST": "reported"},
-        "/free": {"*": None},  # any method: matched per request
-        "/{name}": {"GET": None, "HEAD": None},  # dynamic
         "/nowhere": {"GET": None, "HEAD": None},  # the policy names no such route
-        "/./charged": {"GET": None, "HEAD": None},  # read two ways: refused per request
-        "/slow": {"*": None},  # a view takes every method
-        "/static": {"GET": None, "HEAD": None},
+        "/api/view": {"*": None},  # add_view: every method
+        "/static": {"GET": None, "HEAD": None},  # files: matched as the file they serve
     }
     (subresource,) = sub.router.resources()
     assert fixed(subresource) == {"GET": "stream-commit", "HEAD": "stream-commit"}
+
+    class Exact(web.PlainResource):  # a subclass may match more than its one path
+        pass
+
+    custom = Exact("/charged")
+    custom.add_route("GET", ok)
+    assert fixed(custom) == {"GET": None}
 
 
 async def test_a_response_prepared_in_another_requests_task_gets_its_own_headers(
