@@ -106,6 +106,8 @@ def count(
 ) -> Counted:
     """One server mode: counted idle for `args.idle` s, then over one wrk run."""
     out = keep / f"callgrind.{mode}.out"
+    for stale in keep.glob(out.name + "*"):  # parts of an earlier run kept in the same place
+        stale.unlink()
     port = gb._free_port()
     proc = subprocess.Popen(
         [

@@ -5,8 +5,8 @@ functools.partial(admit, fixed, handler) (gateway_plugin.plugin._protect), inste
 installing it as a middleware, whose layer alone cost 10-13% of a trivial request's
 throughput. The request comes last: a partial with positional arguments is called through
 vectorcall, one with a keyword argument builds a tuple and a dict per request. `fixed` is the
-policy route when the aiohttp route decides it (one path, one method): such a request skips
-reading its path and method and matching them.
+policy route when the aiohttp route decides it (one path, one method, named by the policy):
+such a request skips reading its path and method and matching them.
 
 Theory of operation. A request whose route the policy does not name passes (or is denied when
 `settings.unmatched = "deny"`). Otherwise the caller is identified and the engine decides; a
@@ -71,7 +71,8 @@ _identity_denials = {r: Decision(admitted=False, reason=r) for r in Reason}
 
 # admit(fixed, handler, request): the request admitted, handled by `handler`, its hold ended;
 # `fixed` is the policy route of every request of an aiohttp route with one path and one
-# method (found once when the app starts), None to match each request's path.
+# method (found once when the app starts: gateway_plugin.plugin._fixed_route), None to match
+# each request's path and method.
 Admit = Callable[[Route | None, Handler, web.Request], Awaitable[web.StreamResponse]]
 
 
