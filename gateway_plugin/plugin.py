@@ -1,4 +1,5 @@
-"""setup(app, config): installs the admission middleware and the plugin's lifecycle on an app.
+"""setup(app, config): puts admission in front of an app's route handlers and installs the
+plugin's lifecycle on the app.
 
 Clients and background tasks are created inside the running loop (cleanup_ctx) and closed in
 reverse order: in-flight settlements first, then sweeper, flusher (drained), watch, engine,

@@ -105,14 +105,16 @@ def test_demo_runs_the_three_requests_and_leaves_nothing_running(tmp_path: Path)
     assert gone(redis_pid(second.stdout))
 
 
-def start_demo(state: Path) -> tuple[subprocess.Popen[str], str]:
+def start_demo(
+    state: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
     """The demo running until it printed "ready"; its process and output so far."""
     proc = subprocess.Popen(
-        [*CLI, "--state-dir", str(state), "--port", "0"],
+        [*CLI, "--state-dir", str(state), "--port", "0", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=demo_env(),
+        env={**demo_env(), **(env or {})},
     )
     assert proc.stdout is not None
     lines = []
@@ -221,3 +223,32 @@ def test_missing_redis_server_binary(tmp_path: Path) -> None:
         "redis-server not found: install it: apt-get install redis-server"
     ]
     assert not (tmp_path / "s").exists()
+
+
+def test_traffic_on_a_redis_from_redis_url(tmp_path: Path, redis_url: str) -> None:
+    """REDIS_URL: the demo uses that Redis and starts none. --traffic: requests flow on their
+    own, so the gateway's decision counters move with nobody calling it."""
+    proc, out = start_demo(tmp_path / "s", "--traffic", env={"REDIS_URL": redis_url})
+    try:
+        assert f"redis      {redis_url} (from REDIS_URL)" in out, out
+        assert "started by the demo" not in out
+        end = time.monotonic() + 20
+        admitted = 0.0
+        while admitted < 3:
+            assert time.monotonic() < end, f"the counters did not move: {admitted}"
+            with urllib.request.urlopen(gateway_base(out) + "/metrics", timeout=10) as r:
+                metrics = r.read().decode()
+            admitted = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in metrics.splitlines()
+                if line.startswith("creditgate_decisions_total{") and 'outcome="admitted"' in line
+            )
+            time.sleep(0.1)  # polling the counters, with a deadline
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped" in rest

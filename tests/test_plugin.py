@@ -8,6 +8,7 @@ authority's ledger holds exactly what the gateway committed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -208,7 +209,14 @@ async def test_insufficient_credits_402(
     resp = await gw.client.get("/charged", headers=bearer(secret))
     await problem(resp, 402, "insufficient-credits")
     assert int(resp.headers["Retry-After"]) == 30
-    assert "RateLimit" in resp.headers
+    # A denial takes nothing: the quotas stand as the first request left them.
+    assert sf_list(resp.headers["RateLimit-Policy"]) == {
+        "requests": {"q": 5, "w": 60},
+        "concurrent": {"q": 2, "qu": "concurrent-requests"},
+    }
+    limits = sf_list(resp.headers["RateLimit"])
+    assert limits["requests"]["r"] == 4 and 0 <= limits["requests"]["t"] <= 60
+    assert limits["concurrent"] == {"r": 2}
 
 
 async def test_grace_402_on_charged_route_free_route_admitted(
@@ -244,6 +252,35 @@ async def test_expired_403_once_the_authority_expires_the_wallet(
             await asyncio.sleep(0.02)
     await problem(resp, 403, "wallet-expired")
     assert "Retry-After" not in resp.headers
+
+
+async def test_settlement_backlog_503_while_commits_wait_for_the_authority(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    """No flusher runs: the first request's 10 credits stay unsettled, and with at most 15
+    unsettled (invariant 7) the next 10 must wait: 503, whatever the balance."""
+    policy = GATEWAY_POLICY.replace("[settings]", "[settings]\nunsettled_limit = 15", 1)
+    gw = await gateway_factory(BASIC_ROUTES, policy_text=policy, run_flusher=False)
+    _, secret = await project_factory(1000)
+    assert (await gw.client.get("/charged", headers=bearer(secret))).status == 200
+    resp = await gw.client.get("/charged", headers=bearer(secret))
+    await problem(resp, 503, "settlement-backlog")
+    assert int(resp.headers["Retry-After"]) == 5  # backlog_retry_after_seconds
+    assert (await gw.client.get("/free", headers=bearer(secret))).status == 200  # no cost
+
+
+async def test_unknown_project_403_from_a_trusted_proxy(
+    gateway_factory: GatewayFactory, project_factory: ProjectFactory
+) -> None:
+    """A trusted proxy names the project itself (X-Creditgate-Project); one the authority does
+    not know is refused 403, and one it knows is admitted without an API key."""
+    gw = await gateway_factory(BASIC_ROUTES, trusted_proxies=("127.0.0.1/32", "::1/128"))
+    project, _ = await project_factory(1000)
+    resp = await gw.client.get("/charged", headers={"X-Creditgate-Project": "ghost-project"})
+    body = await problem(resp, 403, "unknown-project")
+    assert body["project_id"] == "ghost-project"
+    resp = await gw.client.get("/charged", headers={"X-Creditgate-Project": project})
+    assert resp.status == 200, await resp.text()
 
 
 async def test_bad_and_missing_credentials(gateway_factory: GatewayFactory) -> None:
@@ -434,10 +471,6 @@ async def test_reported_route_without_a_report_charges_the_hold_and_is_counted(
     async def forgets(request: web.Request) -> web.Response:
         return web.Response(text="no report")
 
-    async def releases(request: web.Request) -> web.Response:
-        usage(request).release()
-        return web.Response(text="released")
-
     gw = await gateway_factory(
         [("POST", "/reported", forgets), ("POST", "/overage", forgets), ("GET", "/charged", ok)]
     )
@@ -450,6 +483,43 @@ async def test_reported_route_without_a_report_charges_the_hold_and_is_counted(
     assert gw.metric("creditgate_usage_unreported_total", {"route": "overage"}) == 0
     await gw.settle_everything()
     assert await usage_sum(authority_stub, authority.config.admin_token, project) == (110, 2)
+
+
+async def test_a_handler_that_releases_is_charged_nothing(
+    gateway_factory: GatewayFactory,
+    project_factory: ProjectFactory,
+    authority: AuthorityServer,
+    authority_stub: pb_grpc.CreditServiceAsyncStub,
+) -> None:
+    """usage(request).release() ends the hold with no charge, even after a report; the
+    response goes out as the handler made it, and only the request that did not release is
+    in the ledger."""
+
+    async def releases(request: web.Request) -> web.Response:
+        usage(request).release()
+        return web.Response(text="released")
+
+    async def reports_then_releases(request: web.Request) -> web.Response:
+        usage(request).report(37)
+        usage(request).release()
+        return web.Response(text="released after a report")
+
+    gw = await gateway_factory(
+        [("GET", "/charged", releases), ("POST", "/reported", reports_then_releases)]
+    )
+    project, secret = await project_factory(1000)
+    resp = await gw.client.get("/charged", headers=bearer(secret))
+    assert (resp.status, await resp.text()) == (200, "released")
+    assert sf_list(resp.headers["RateLimit"])["requests"]["r"] == 4  # the quota unit is used
+    resp = await gw.client.post("/reported", headers=bearer(secret))
+    assert (resp.status, await resp.text()) == (200, "released after a report")
+    assert gw.state.leases is not None
+    assert await gw.state.leases.flush()
+    gw.state.metrics.fold()
+    assert gw.metric("creditgate_settlements_total", {"action": "release", "result": "ok"}) == 2
+    assert gw.metric("creditgate_settlements_total", {"action": "commit", "result": "ok"}) == 0
+    await gw.settle_everything()
+    assert await usage_sum(authority_stub, authority.config.admin_token, project) == (0, 0)
 
 
 async def test_settle_in_flight_counts_commits_not_yet_in_redis(
@@ -636,6 +706,39 @@ def _no_flusher_config(redis_url: str, authority: AuthorityServer) -> GatewayCon
         run_flusher=False,
         registry=CollectorRegistry(),
     )
+
+
+async def test_shutdown_closes_the_clients_and_leaves_no_task_running(
+    redis_url: str,
+    authority: AuthorityServer,
+    project_factory: ProjectFactory,
+) -> None:
+    """Everything setup() started while the app ran (flusher, sweeper, Watch stream, lease
+    syncs, metrics fold, fills) is stopped when the app stops, and the authority's channel
+    is closed: no task of the plugin outlives its app."""
+    config = dataclasses.replace(_no_flusher_config(redis_url, authority), run_flusher=True)
+    app = web.Application()
+    app.router.add_get("/charged", ok)
+    state = setup(app, config)
+    _, secret = await project_factory(1000)
+    before = asyncio.all_tasks()
+    async with TestClient(TestServer(app)) as client:
+        assert (await client.get("/charged", headers=bearer(secret))).status == 200
+        running = {t.get_name() for t in asyncio.all_tasks() - before}
+        assert {"creditgate-flusher", "creditgate-watch", "creditgate-metrics-fold"} <= running
+        assert state.authority is not None
+        assert state.authority.stub is not None
+    # The authority under test serves in this loop too: its gRPC server keeps a task waiting
+    # for each next call (AioServer._request_registered_call); those are not the plugin's.
+    left = {
+        t.get_name(): getattr(t.get_coro(), "__qualname__", "?")
+        for t in asyncio.all_tasks() - before
+        if not t.done()
+    }
+    assert {n: q for n, q in left.items() if not q.startswith("AioServer.")} == {}
+    assert all(task.done() for task in state.background.values())
+    with pytest.raises(RuntimeError, match="after aclose"):
+        state.authority.stub  # noqa: B018
 
 
 async def test_a_wrapped_handler_looks_like_itself_and_an_app_started_again_admits_once(
@@ -844,6 +947,74 @@ def test_the_routes_whose_policy_route_is_fixed_when_the_app_starts(tmp_path: Pa
     custom = Exact("/charged")
     custom.add_route("GET", ok)
     assert fixed(custom) == {"GET": None}
+
+
+@pytest.mark.parametrize(
+    ("path", "action", "committed"),
+    [("/stream/commit", "commit", 7), ("/stream/release", "release", 0)],
+)
+async def test_a_client_gone_before_a_plain_response_follows_the_routes_on_disconnect(
+    redis_url: str,
+    authority: AuthorityServer,
+    project_factory: ProjectFactory,
+    path: str,
+    action: str,
+    committed: int,
+) -> None:
+    """aiohttp's own server (web.AppRunner; its test server cancels handlers instead) lets a
+    handler run on when its client leaves. The handler reports 7, finds the connection gone
+    while reading the body, and returns a plain response that can reach no one: the route's
+    on_disconnect decides."""
+    entered = asyncio.Event()
+    finished = asyncio.Event()
+    returned: list[bool] = []
+
+    async def outlives_its_client(request: web.Request) -> web.Response:
+        try:
+            usage(request).report(7)
+            entered.set()
+            with pytest.raises(ConnectionResetError):
+                await request.read()  # the client sent 2 of the 10 bytes it announced, then left
+            assert request.transport is None
+            returned.append(True)
+            return web.Response(text="too late")
+        finally:
+            finished.set()
+
+    app = web.Application()
+    app.router.add_get(path, outlives_its_client)
+    state = setup(app, _no_flusher_config(redis_url, authority))
+    _, secret = await project_factory(1000)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
+            "Content-Length: 10\r\n\r\nab".encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(10):
+            await entered.wait()
+        writer.close()
+        await writer.wait_closed()
+        async with asyncio.timeout(10):
+            await finished.wait()
+        assert returned == [True]  # the handler ran to its end: nothing was cancelled
+        await asyncio.sleep(0)  # the wrapper ends the hold as the handler returns
+        state.metrics.fold()
+        registry = state.metrics.registry
+        ended = {"action": action, "result": "ok"}
+        assert registry.get_sample_value("creditgate_settlements_total", ended) == 1
+        credits = registry.get_sample_value(
+            "creditgate_committed_credits_total", {"meter": "requests"}
+        )
+        assert (credits or 0) == committed
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_response_prepared_in_another_requests_task_gets_its_own_headers(

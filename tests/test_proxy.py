@@ -721,6 +721,25 @@ def test_serve_options_carry_the_encoded_slashes_choice(tmp_path: Path) -> None:
     assert app[PROXY_CONFIG].encoded_slashes == "keep"
 
 
+def _admitted_by(metrics_root: Path, pid: int) -> float:
+    """The admissions one gateway worker counted, from its own prometheus multiprocess files
+    (`<kind>_<pid>.db`, in the directory the supervisor made under TMPDIR)."""
+    import shutil
+    import tempfile
+
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    files = list(metrics_root.rglob(f"*_{pid}.db"))
+    assert files, f"no metrics files of worker {pid} under {metrics_root}"
+    with tempfile.TemporaryDirectory() as one:
+        for f in files:
+            shutil.copy(f, one)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=one)
+        labels = {"outcome": "admitted", "reason": "admitted"}
+        return registry.get_sample_value("creditgate_decisions_total", labels) or 0.0
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_serve_command_smoke(
     workers: int,
@@ -739,8 +758,8 @@ async def test_serve_command_smoke(
         tmp_path, workers, base_url(server), redis_url, authority, port
     ) as serving:
         proc = serving.proc
-        await serving.worker_pids(workers)
-        requests = 12
+        pids = await serving.worker_pids(workers)
+        requests = 12 * workers  # all of them on one of two workers: 1 in 8 million
         # A fresh connection per request lets the kernel spread them over both workers.
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as http:
@@ -773,6 +792,10 @@ async def test_serve_command_smoke(
                     break
                 await asyncio.sleep(0.05)  # polling the other worker's fold, with a deadline
         assert total == requests, admitted
+        if workers > 1:
+            # Every worker served some: each one's own counts (its multiprocess files).
+            served = {pid: _admitted_by(tmp_path / "tmp", pid) for pid in pids}
+            assert sum(served.values()) == requests and all(served.values()), served
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), 45)
@@ -883,6 +906,54 @@ async def test_shutdown_timeout_bounds_a_hung_request(
         assert await asyncio.wait_for(serving.proc.wait(), 30) == 0, serving.output()
     # Cut off mid-request: the route's on_disconnect policy (release) applies, nothing charged.
     await wait_usage(authority_stub, authority.config.admin_token, project, (0, 0), 5)
+
+
+async def test_sigterm_drains_a_request_in_flight_and_settles_it(
+    tmp_path: Path,
+    upstream: tuple[Upstream, TestServer],
+    redis_url: str,
+    authority: AuthorityServer,
+    authority_stub: Any,
+    project_factory: ProjectFactory,
+) -> None:
+    """SIGTERM while a request waits on the upstream: the gateway stops taking connections,
+    lets the request finish (within --shutdown-timeout), answers it, settles its commit with
+    the authority, and exits 0."""
+    up, server = upstream
+    project, secret = await project_factory(1000)
+    port = free_port()
+    async with (
+        serve_process(
+            tmp_path, 1, base_url(server), redis_url, authority, port, shutdown_timeout=20
+        ) as serving,
+        aiohttp.ClientSession() as http,
+    ):
+        await serving.worker_pids(1)
+
+        async def in_flight() -> tuple[int, str]:
+            url = f"http://127.0.0.1:{port}/v1/hang"
+            async with http.get(url, headers=bearer(secret)) as r:
+                return r.status, await r.text()
+
+        request = asyncio.create_task(in_flight())
+        async with asyncio.timeout(10):
+            await up.hanging.wait()
+        serving.proc.send_signal(signal.SIGTERM)
+        # Shutdown has begun once the gateway refuses new connections.
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                except ConnectionError:  # refused, or reset by a listener closing
+                    break
+                writer.close()
+                await writer.wait_closed()
+                await asyncio.sleep(0.02)  # polling the listener, not waiting for time
+        assert not request.done(), (request, serving.output())
+        up.never.set()  # the upstream answers now
+        assert await asyncio.wait_for(request, 10) == (200, "never")
+        assert await asyncio.wait_for(serving.proc.wait(), 30) == 0, serving.output()
+    await wait_usage(authority_stub, authority.config.admin_token, project, (COST, 1), 5)
 
 
 async def test_a_worker_stopping_on_its_own_stops_the_gateway_with_a_failure(
