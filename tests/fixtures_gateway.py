@@ -348,3 +348,23 @@ def own_redis() -> Iterator[RedisProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+async def leave_mid_request(
+    port: int, path: str, secret: str, entered: asyncio.Event, *, body_sent: str | None = None
+) -> None:
+    """A client that sends GET `path` with its API key, waits until the handler has started
+    (`entered`), then closes the connection. `body_sent`: announce a 10-byte body and send
+    only this much of it, so that the handler's read of the body fails once the client goes."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
+    if body_sent is not None:
+        head += f"Content-Length: 10\r\n\r\n{body_sent}"
+    else:
+        head += "\r\n"
+    writer.write(head.encode())
+    await writer.drain()
+    async with asyncio.timeout(10):
+        await entered.wait()
+    writer.close()
+    await writer.wait_closed()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,26 @@ def start_demo(
     return proc, "".join(lines)
 
 
+@contextlib.contextmanager
+def stopping(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Kills the demo if the block fails, so that a failed test leaves nothing running."""
+    try:
+        yield
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def stop(proc: subprocess.Popen[str], signum: signal.Signals) -> tuple[str, str]:
+    """Stops the demo with `signum`; its remaining output once it exited 0 (else it fails)."""
+    with stopping(proc):
+        proc.send_signal(signum)
+        rest, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return rest, err
+
+
 def hello(output: str) -> int:
     """Status of one admitted request (/v1/hello, 1 credit) to the demo that printed `output`."""
     req = urllib.request.Request(
@@ -141,15 +162,9 @@ def hello(output: str) -> int:
 def test_a_stop_signal_stops_everything(tmp_path: Path, signum: signal.Signals) -> None:
     """Ctrl-C, a service manager's SIGTERM, or the terminal closing (SIGHUP)."""
     proc, out = start_demo(tmp_path / "s")
-    try:
+    with stopping(proc):
         assert hello(out) == 200
-        proc.send_signal(signum)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    rest, _ = stop(proc, signum)
     assert "stopped" in rest
     assert gone(redis_pid(out))
 
@@ -229,7 +244,7 @@ def test_traffic_on_a_redis_from_redis_url(tmp_path: Path, redis_url: str) -> No
     """REDIS_URL: the demo uses that Redis and starts none. --traffic: requests flow on their
     own, so the gateway's decision counters move with nobody calling it."""
     proc, out = start_demo(tmp_path / "s", "--traffic", env={"REDIS_URL": redis_url})
-    try:
+    with stopping(proc):
         assert f"redis      {redis_url} (from REDIS_URL)" in out, out
         assert "started by the demo" not in out
         end = time.monotonic() + 20
@@ -244,11 +259,5 @@ def test_traffic_on_a_redis_from_redis_url(tmp_path: Path, redis_url: str) -> No
                 if line.startswith("creditgate_decisions_total{") and 'outcome="admitted"' in line
             )
             time.sleep(0.1)  # polling the counters, with a deadline
-        proc.send_signal(signal.SIGINT)
-        rest, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    rest, _ = stop(proc, signal.SIGINT)
     assert "stopped" in rest

@@ -44,6 +44,7 @@ from tests.fixtures_gateway import (
     GatewayFactory,
     ProjectFactory,
     bearer,
+    leave_mid_request,
     usage_sum,
 )
 from tests.services import RedisCluster, RedisProcess
@@ -1000,16 +1001,7 @@ async def test_a_client_gone_before_a_plain_response_follows_the_routes_on_disco
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n"
-            "Content-Length: 10\r\n\r\nab".encode()
-        )
-        await writer.drain()
-        async with asyncio.timeout(10):
-            await entered.wait()
-        writer.close()
-        await writer.wait_closed()
+        await leave_mid_request(port, path, secret, entered, body_sent="ab")
         async with asyncio.timeout(10):
             await finished.wait()
         assert returned == [True]  # the handler ran to its end: nothing was cancelled

@@ -25,6 +25,7 @@ from tests.fixtures_gateway import (
     GatewayFactory,
     ProjectFactory,
     credits_in_flight,
+    leave_mid_request,
     usage_sum,
 )
 
@@ -200,15 +201,7 @@ async def _cancelled_request(
     )
     project, secret = await project_factory(1000)
     assert gw.client.port is not None
-    _, writer = await asyncio.open_connection("127.0.0.1", gw.client.port)
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\n\r\n".encode()
-    )
-    await writer.drain()
-    async with asyncio.timeout(10):
-        await entered.wait()
-    writer.close()
-    await writer.wait_closed()
+    await leave_mid_request(gw.client.port, path, secret, entered)
     async with asyncio.timeout(10):
         await cancelled.wait()
     return gw, project, cancelled
