@@ -97,7 +97,9 @@ class CheckResult:
 
     @property
     def ok(self) -> bool:
-        return self.admitted == 200 and 429 in self.loop and self.credits == 402
+        return (
+            self.admitted == 200 and 429 in self.loop and self.credits == 402 and not self.problems
+        )
 
 
 def demo_policy() -> Policy:
@@ -207,8 +209,18 @@ async def provision(core: CreditCore, state_dir: Path) -> tuple[str, int]:
     return _secret_file(key_file, lambda: str(issued.secret)), int(wallet.balance)
 
 
+# What the README promises with each status of the three curl lines.
+_PROMISED: dict[int, tuple[str, ...]] = {
+    200: ("RateLimit-Policy", "RateLimit"),
+    429: ("Retry-After", "RateLimit-Policy", "RateLimit"),
+    402: ("Retry-After",),
+}
+_PROBLEM_JSON = "application/problem+json"
+
+
 async def run_check(base: str, secret: str) -> CheckResult:
-    """The three curl lines, made by the demo itself."""
+    """The three curl lines, made by the demo itself: the statuses, and the headers and body
+    type the README says each status comes with."""
     auth = {"Authorization": f"Bearer {secret}"}
     problems: list[str] = []
 
@@ -217,6 +229,11 @@ async def run_check(base: str, secret: str) -> CheckResult:
             body = await r.text()
             if r.status not in expect:
                 problems.append(f"{method} {path} -> {r.status} {body[:300]}")
+            missing = [h for h in _PROMISED.get(r.status, ()) if h not in r.headers]
+            if missing:
+                problems.append(f"{method} {path} -> {r.status} without {', '.join(missing)}")
+            if r.status >= 400 and r.content_type != _PROBLEM_JSON:
+                problems.append(f"{method} {path} -> {r.status} as {r.content_type}")
             return r.status
 
     async with aiohttp.ClientSession(headers=auth) as http:
@@ -374,7 +391,10 @@ async def _main(opts: DemoOptions) -> int:
                 f"{' '.join(map(str, result.loop))}; credits {result.credits}"
             )
             if not result.ok:
-                _say("check FAILED: expected 200, a 429 in the loop, and 402")
+                _say(
+                    "check FAILED: expected 200, a 429 in the loop, and 402, each with the "
+                    "headers the README names"
+                )
                 for problem in result.problems:
                     _say("  " + problem)
                 exit_code = 1

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -261,3 +262,36 @@ def test_traffic_on_a_redis_from_redis_url(tmp_path: Path, redis_url: str) -> No
             time.sleep(0.1)  # polling the counters, with a deadline
     rest, _ = stop(proc, signal.SIGINT)
     assert "stopped" in rest
+
+
+async def test_the_check_names_a_promised_header_or_body_type_that_is_missing(
+    aiohttp_server: Any,
+) -> None:
+    """run_check, against a server answering the right statuses without what the README
+    promises with them (RateLimit fields, Retry-After, problem+json)."""
+    from aiohttp import web
+
+    from gateway_plugin.demo import run_check
+
+    calls: list[int] = []
+
+    async def hello(request: web.Request) -> web.Response:
+        calls.append(1)
+        return web.Response(text="hi") if len(calls) <= 5 else web.Response(status=429)
+
+    async def report(request: web.Request) -> web.Response:
+        return web.Response(status=402, text="pay")
+
+    app = web.Application()
+    app.router.add_get("/v1/hello", hello)
+    app.router.add_post("/v1/report", report)
+    server = await aiohttp_server(app)
+    result = await run_check(str(server.make_url("")).rstrip("/"), "cg_x")
+    assert (result.admitted, result.loop[-1], result.credits) == (200, 429, 402)
+    assert not result.ok  # the statuses are right; what comes with them is not
+    assert "GET /v1/hello -> 200 without RateLimit-Policy, RateLimit" in result.problems
+    assert "POST /v1/report -> 402 without Retry-After" in result.problems
+    assert "POST /v1/report -> 402 as text/plain" in result.problems
+    assert "GET /v1/hello -> 429 without Retry-After, RateLimit-Policy, RateLimit" in (
+        result.problems
+    )
