@@ -6,6 +6,7 @@ and each PostgreSQL database is created with a random name and dropped at the en
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -14,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,19 @@ def free_port(below: int = 65536) -> int:
         if port < below and (below == 65536 or _port_is_free(port + 10000)):
             return port
     raise RuntimeError("no free port found")
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], within_s: float = 1.0, every_s: float = 0.005
+) -> None:
+    """Poll `check` until it holds; fails if it does not within `within_s` (the default, 1 s,
+    is invariant 6's bound). `every_s`: the pause between checks that cost the system under
+    test something (an HTTP request, a connection)."""
+    async with asyncio.timeout(within_s):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(every_s)  # polling a condition with a deadline
 
 
 def wait_for_port(

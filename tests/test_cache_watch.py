@@ -32,19 +32,10 @@ from creditservice.v1 import credit_pb2 as pb
 from creditservice.v1 import credit_pb2_grpc as pb_grpc
 from tests.fixtures_admission import authority_client_for
 from tests.fixtures_authority import admin_md, authority_config, make_wallet, new_project_id
-from tests.services import free_port
+from tests.services import eventually, free_port
 from tests.test_flusher import SHARDS, make_policy, wallet_hash
 
 UNSL = 5000
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 1.0) -> None:
-    """Poll `check` until it holds; fails if it does not within `within_s` (invariant 6: 1 s)."""
-    async with asyncio.timeout(within_s):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(0.005)  # polling a condition with a deadline
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import pytest
 
 from gateway_plugin.demo import curl_lines
 from gateway_plugin.redis_server import die_with_parent
+from tests.services import eventually
 
 CLI = [sys.executable, "-m", "gateway_plugin.cli", "demo"]
 
@@ -241,25 +242,29 @@ def test_missing_redis_server_binary(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
 
 
-def test_traffic_on_a_redis_from_redis_url(tmp_path: Path, redis_url: str) -> None:
+async def test_traffic_on_a_redis_from_redis_url(tmp_path: Path, redis_url: str) -> None:
     """REDIS_URL: the demo uses that Redis and starts none. --traffic: requests flow on their
     own, so the gateway's decision counters move with nobody calling it."""
+    import aiohttp
+
     proc, out = start_demo(tmp_path / "s", "--traffic", env={"REDIS_URL": redis_url})
     with stopping(proc):
         assert f"redis      {redis_url} (from REDIS_URL)" in out, out
         assert "started by the demo" not in out
-        end = time.monotonic() + 20
-        admitted = 0.0
-        while admitted < 3:
-            assert time.monotonic() < end, f"the counters did not move: {admitted}"
-            with urllib.request.urlopen(gateway_base(out) + "/metrics", timeout=10) as r:
-                metrics = r.read().decode()
-            admitted = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in metrics.splitlines()
-                if line.startswith("creditgate_decisions_total{") and 'outcome="admitted"' in line
-            )
-            time.sleep(0.1)  # polling the counters, with a deadline
+        async with aiohttp.ClientSession() as http:
+
+            async def admitted_some() -> bool:
+                async with http.get(gateway_base(out) + "/metrics") as r:
+                    metrics = await r.text()
+                admitted = sum(
+                    float(line.rsplit(" ", 1)[1])
+                    for line in metrics.splitlines()
+                    if line.startswith("creditgate_decisions_total{")
+                    and 'outcome="admitted"' in line
+                )
+                return admitted >= 3
+
+            await eventually(admitted_some, within_s=20, every_s=0.1)
     rest, _ = stop(proc, signal.SIGINT)
     assert "stopped" in rest
 

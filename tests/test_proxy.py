@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -37,7 +38,7 @@ from gateway_plugin.proxy import (
     upstream_url,
 )
 from tests.fixtures_gateway import ProjectFactory, bearer, credits_in_flight, usage_sum
-from tests.services import free_port
+from tests.services import eventually, free_port
 
 COST = 5
 POLICY = f"""
@@ -908,6 +909,17 @@ async def test_shutdown_timeout_bounds_a_hung_request(
     await wait_usage(authority_stub, authority.config.admin_token, project, (0, 0), 5)
 
 
+async def _refused(port: int) -> bool:
+    """True once nothing accepts connections on `port` (refused, or reset as it closes)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
+
+
 async def test_sigterm_drains_a_request_in_flight_and_settles_it(
     tmp_path: Path,
     upstream: tuple[Upstream, TestServer],
@@ -940,15 +952,7 @@ async def test_sigterm_drains_a_request_in_flight_and_settles_it(
             await up.hanging.wait()
         serving.proc.send_signal(signal.SIGTERM)
         # Shutdown has begun once the gateway refuses new connections.
-        async with asyncio.timeout(10):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                except ConnectionError:  # refused, or reset by a listener closing
-                    break
-                writer.close()
-                await writer.wait_closed()
-                await asyncio.sleep(0.02)  # polling the listener, not waiting for time
+        await eventually(functools.partial(_refused, port), within_s=10, every_s=0.02)
         assert not request.done(), (request, serving.output())
         up.never.set()  # the upstream answers now
         assert await asyncio.wait_for(request, 10) == (200, "never")
